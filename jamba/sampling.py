@@ -1,0 +1,69 @@
+"""Next-token sampling with per-request parameters and random generators.
+
+Each row is sampled on its own with its own `torch.Generator`, so a seeded request draws the same tokens whether it
+runs alone or in a batch beside others.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 picks the most likely token (greedy)
+    top_k: int = 0  # keep the k most likely tokens; 0 keeps all
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p
+    seed: int | None = None  # None draws from a nondeterministic seed
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def make_generator(self) -> torch.Generator | None:
+        if self.greedy:
+            return None
+        generator = torch.Generator()
+        if self.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(self.seed)
+        return generator
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set the logits outside the top-k / top-p set of one row (V,) to -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # Drop a token once the tokens before it already reach top_p; the most likely token always stays.
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Pick one token per row of logits (B, V); returns (B,) long on the CPU."""
+    logits = logits.float().cpu()
+    tokens = logits.argmax(-1)
+    for row, (p, generator) in enumerate(zip(params, generators)):
+        if p.greedy:
+            continue
+        row_logits = filter_logits(logits[row] / p.temperature, p.top_k, p.top_p)
+        probs = torch.softmax(row_logits, dim=-1)
+        tokens[row] = torch.multinomial(probs, 1, generator=generator)[0]
+    return tokens
