@@ -92,7 +92,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     Bt = B.float().transpose(1, 2)[:, None]  # (B, 1, L, N)
     Ct = C.float().transpose(1, 2)[:, None]  # (B, 1, L, N)
 
-    max_decay_per_step = float(delta.max()) * float((-A).max()) if length else 0.0
+    max_decay_per_step = float(delta.detach().max()) * float((-A).detach().max()) if length else 0.0
     if max_decay_per_step > 0:
         chunk_size = min(chunk_size, int(_MAX_EXPONENT / max_decay_per_step))
     if chunk_size <= 1:
