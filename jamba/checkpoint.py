@@ -124,17 +124,18 @@ class CheckpointReader:
 
 
 def fill_module(module: torch.nn.Module, reader: CheckpointReader, device, dtype, prefix: str = "",
-                expected_extra: set[str] = frozenset()) -> None:
-    """Load every parameter and buffer of `module` (built on the meta device) from the checkpoint.
+                expected_extra: set[str] = frozenset(), partial: bool = False) -> None:
+    """Load every parameter of `module` (built on the meta device) from the checkpoint.
 
     `prefix` maps module names to checkpoint names; names in the checkpoint under that prefix that the module does
-    not have are an error unless listed in `expected_extra`. Raises CheckpointError listing the missing,
-    unexpected and mis-shaped tensors.
+    not have are an error unless listed in `expected_extra`, or unless `partial` says that the module is one part
+    of the model (a layer group or an expert shard). Raises CheckpointError listing the missing, unexpected and
+    mis-shaped tensors.
     """
     wanted = {prefix + name: name for name, _ in module.named_parameters(remove_duplicate=False)}
     available = {k for k in reader.keys() if k.startswith(prefix)}
     missing = sorted(k for k in wanted if k not in available)
-    unexpected = sorted(available - wanted.keys() - set(expected_extra))
+    unexpected = [] if partial else sorted(available - wanted.keys() - set(expected_extra))
     mis_shaped = []
     params = dict(module.named_parameters(remove_duplicate=False))
     for key, name in wanted.items():

@@ -404,11 +404,18 @@ class SparseMoE(nn.Module):
         self.router = Router(args)
         self.experts = nn.ModuleList(MLP(args) for _ in range(args.num_experts))
 
-    def forward(self, x):
-        """x (B, L, D) -> output (B, L, D), router logits (B*L, E)."""
+    def forward(self, x, dispatch=None):
+        """x (B, L, D) -> output (B, L, D), router logits (B*L, E).
+
+        `dispatch(x, weights, experts)` computes the experts elsewhere (the expert shards of a Ray replica); by
+        default they run here.
+        """
         flat = x.reshape(-1, x.shape[-1])
         logits, weights, experts = self.router(flat)
-        out = run_experts(self.experts, range(len(self.experts)), flat, weights, experts)
+        if dispatch is None:
+            out = run_experts(self.experts, range(len(self.experts)), flat, weights, experts)
+        else:
+            out = dispatch(flat, weights, experts)
         return out.view_as(x), logits
 
 
@@ -440,8 +447,11 @@ class JambaLayer(nn.Module):
         self.pre_ff_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.feed_forward = SparseMoE(args) if self.kind.has_experts else MLP(args)
 
-    def forward(self, x, masks: "Masks", view: CacheView | None = None):
-        """Return the new hidden states and the router logits (T, E), or an empty (0, E) tensor without experts."""
+    def forward(self, x, masks: "Masks", view: CacheView | None = None, dispatch=None):
+        """Return the new hidden states and the router logits (T, E), or an empty (0, 0) tensor without experts.
+
+        `dispatch` runs the experts of an MoE layer elsewhere (see `SparseMoE.forward`).
+        """
         h = self.input_layernorm(x)
         if self.kind.mixer == "attention":
             x = x + self.self_attn(h, masks, view)
@@ -450,7 +460,7 @@ class JambaLayer(nn.Module):
 
         h = self.pre_ff_layernorm(x)
         if self.kind.has_experts:
-            h, router_logits = self.feed_forward(h)
+            h, router_logits = self.feed_forward(h, dispatch)
         else:
             h, router_logits = self.feed_forward(h), x.new_zeros(0, 0)
         return x + h, router_logits
@@ -539,7 +549,7 @@ class Jamba(nn.Module):
         prefilled with left-padded prompts, and slots already holding a sequence take one new token (L = 1).
         logits_to_keep > 0 computes logits for the last positions only.
         """
-        view = self._cache_view(input_ids, attention_mask, cache, slots)
+        view = None if cache is None else open_cache_view(cache, input_ids.shape, attention_mask, slots)
         length = input_ids.shape[1]
         masks = build_masks(attention_mask, length) if view is None or view.prefill else Masks(None, None)
 
@@ -552,8 +562,7 @@ class Jamba(nn.Module):
         x = self.model.final_layernorm(x)
 
         if view is not None:
-            view.cache.lengths[view.slots] = view.positions + (
-                length if attention_mask is None else attention_mask.sum(-1).cpu())
+            close_cache_view(view, length, attention_mask)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)
@@ -564,24 +573,30 @@ class Jamba(nn.Module):
                                            attention_mask)
         return JambaOutput(logits, tuple(router_logits), aux_loss)
 
-    def _cache_view(self, input_ids, attention_mask, cache, slots) -> CacheView | None:
-        if cache is None:
-            return None
-        if slots is None:
-            raise ValueError("slots is required with a cache: one slot index per batch row")
-        slots = torch.as_tensor(slots, dtype=torch.long).cpu()
-        if slots.shape != input_ids.shape[:1]:
-            raise ValueError(f"slots must have one entry per batch row ({input_ids.shape[0]}), got {tuple(slots.shape)}")
-        if bool((slots < 0).any() or (slots >= cache.num_slots).any()):
-            raise ValueError(f"slots must be in [0, {cache.num_slots}), got {slots.tolist()}")
-        positions = cache.lengths[slots].clone()
-        prefill = bool((positions == 0).all())
-        if not prefill and (input_ids.shape[1] != 1 or bool((positions == 0).any())):
-            raise ValueError("with a cache, a batch either prefills empty slots or adds one token to occupied ones")
-        new_tokens = input_ids.shape[1] if attention_mask is None else int(attention_mask.sum(-1).max())
-        if int(positions.max()) + new_tokens > cache.max_len:
-            raise ValueError(f"sequence would exceed the cache length {cache.max_len}")
-        return CacheView(cache, slots, positions, prefill)
+
+def open_cache_view(cache: HybridCache, shape, attention_mask, slots) -> CacheView:
+    """Check that a batch of shape (B, L) fits the cache: it prefills empty slots or adds one token to occupied ones."""
+    if slots is None:
+        raise ValueError("slots is required with a cache: one slot index per batch row")
+    slots = torch.as_tensor(slots, dtype=torch.long).cpu()
+    if slots.shape != tuple(shape[:1]):
+        raise ValueError(f"slots must have one entry per batch row ({shape[0]}), got {tuple(slots.shape)}")
+    if bool((slots < 0).any() or (slots >= cache.num_slots).any()):
+        raise ValueError(f"slots must be in [0, {cache.num_slots}), got {slots.tolist()}")
+    positions = cache.lengths[slots].clone()
+    prefill = bool((positions == 0).all())
+    if not prefill and (shape[1] != 1 or bool((positions == 0).any())):
+        raise ValueError("with a cache, a batch either prefills empty slots or adds one token to occupied ones")
+    new_tokens = shape[1] if attention_mask is None else int(attention_mask.sum(-1).max())
+    if int(positions.max()) + new_tokens > cache.max_len:
+        raise ValueError(f"sequence would exceed the cache length {cache.max_len}")
+    return CacheView(cache, slots, positions, prefill)
+
+
+def close_cache_view(view: CacheView, length: int, attention_mask) -> None:
+    """Record the tokens a forward pass added to each slot."""
+    added = length if attention_mask is None else attention_mask.sum(-1).cpu()
+    view.cache.lengths[view.slots] = view.positions + added
 
 
 def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask=None) -> torch.Tensor:

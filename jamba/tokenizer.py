@@ -191,6 +191,13 @@ class Tokenizer:
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos else ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Encode a prompt as the model was trained to see it: with the special tokens that tokenizer.json's post
+        processor adds (the released Jamba tokenizers add BOS; the project's trained ones add nothing)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return self.backend.encode(text, add_special_tokens=True).ids
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         ids = self._checked_ids(ids)
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,1 @@
+"""Serving: the gRPC Generate service over a continuous-batching engine."""
