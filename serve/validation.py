@@ -45,10 +45,13 @@ class Unsupported(ServeError):
 
 MAX_REQUEST_ID_LENGTH = 128
 
-_STATUS_CODES: dict[type[ServeError], grpc.StatusCode] = {
+_STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Draining: grpc.StatusCode.UNAVAILABLE,
+    # The model's processes are gone (cluster.replica.ReplicaFailure): a retry may reach a rebuilt replica.
+    ConnectionError: grpc.StatusCode.UNAVAILABLE,
+    NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unsupported: grpc.StatusCode.UNIMPLEMENTED,
 }

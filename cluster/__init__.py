@@ -1,0 +1,1 @@
+"""One Jamba model replica spread over Ray actors: layer groups and expert shards."""

@@ -1,0 +1,297 @@
+"""The actors of one model replica: layer groups and expert shards.
+
+Both build their modules from `jamba.model` classes, with the checkpoint's parameter names, on the meta device, and
+load only the tensors they own. They add no math: a layer group runs `JambaLayer.forward` and hands the experts of
+its MoE layers to a dispatch function; an expert shard runs `jamba.model.run_experts` on the tokens it receives.
+
+Two transports move activations between them (chosen by `transport`):
+- "ray": every hand-off is a Ray call. The runner calls the layer groups one after the other, and a layer group
+  calls each expert shard once per MoE layer. Simple, and the baseline.
+- "collective": a torch.distributed group over the actors (gloo on CPU, NCCL on GPU). The runner starts one Ray
+  call per actor per step; inside it the actors exchange tensors directly, in an order that every actor derives
+  from the plan, so no message carries control information.
+
+Legend: B batch, L sequence, D hidden size, T tokens in the step (B*L), K experts per token, V vocabulary.
+"""
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from accelerate import init_empty_weights
+
+from cluster.plan import ExpertShardSpec, LayerGroupSpec, ReplicaPlan
+from jamba.checkpoint import CheckpointReader, fill_module, load_args
+from jamba.model import (MLP, HybridCache, JambaLayer, Masks, RMSNorm, build_masks, close_cache_view,
+                         open_cache_view, run_experts)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """What every actor of the replica needs to know about one step; small, so it travels as a Ray argument."""
+
+    input_ids: torch.Tensor  # (B, L) long
+    attention_mask: torch.Tensor | None  # (B, L), prefill with padding only
+    slots: torch.Tensor  # (B,) long
+
+
+def _routing(weights, experts):
+    """Pack top-K weights and expert ids (T, K) into one fp32 tensor (T, 2K); ids are exact in fp32."""
+    return torch.cat([weights.float(), experts.float()], dim=-1)
+
+
+def _unpack_routing(routing, dtype):
+    k = routing.shape[-1] // 2
+    return routing[:, :k].to(dtype), routing[:, k:].long()
+
+
+def _tokens_for_shards(experts, shard_experts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Indices of the tokens that have at least one of their K experts in each shard."""
+    return [torch.isin(experts, owned).any(-1).nonzero()[:, 0] for owned in shard_experts]
+
+
+class LayerGroup:
+    """A contiguous slice of layers with their caches; the first group embeds, the last one applies the LM head."""
+
+    def __init__(self, spec: LayerGroupSpec, plan: ReplicaPlan, model_dir: str, num_slots: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, scan: str = "auto", threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.spec, self.plan = spec, plan
+        self.args = load_args(model_dir)
+        self.device = torch.device("cuda" if plan.device == "cuda" else "cpu")
+        self.modules = self._build(model_dir, dtype, scan)
+        self.cache = HybridCache(self.args, num_slots, max_len, layers=spec.layers,
+                                 devices={i: self.device for i in spec.layers}, dtype=dtype)
+        self.shard_experts = [torch.tensor(s.experts, device=self.device) for s in plan.expert_shards]
+        self.expert_load = torch.zeros(len(plan.moe_layers), self.args.num_experts, dtype=torch.long)
+        self.shards = []  # actor handles, for the "ray" transport
+        log.info("layer group %d ready: layers %s on %s", spec.index, list(spec.layers), self.device)
+
+    def _build(self, model_dir, dtype, scan) -> nn.Module:
+        args, spec = self.args, self.spec
+        with init_empty_weights():
+            part = nn.Module()
+            part.model = nn.Module()
+            if spec.has_embedding:
+                part.model.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, args.pad_token_id)
+            part.model.layers = nn.ModuleDict({str(i): JambaLayer(args, i, scan) for i in spec.layers})
+            for layer in part.model.layers.values():
+                if layer.kind.has_experts:
+                    layer.feed_forward.experts = nn.ModuleList()  # the expert shards own them
+            if spec.has_head:
+                part.model.final_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+                if not args.tie_word_embeddings:
+                    part.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        reader = CheckpointReader(model_dir)
+        fill_module(part, reader, self.device, dtype, partial=True)
+        if spec.has_head and args.tie_word_embeddings:
+            part.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False, device=self.device, dtype=dtype)
+            part.lm_head.weight.data.copy_(reader.get("model.embed_tokens.weight"))
+        return part.eval()
+
+    def ready(self) -> str:
+        return f"layer group {self.spec.index}"
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def free(self, slots: list[int]) -> None:
+        self.cache.free(slots)
+
+    def take_expert_load(self) -> torch.Tensor:
+        load, self.expert_load = self.expert_load, torch.zeros_like(self.expert_load)
+        return load
+
+    def set_shards(self, shards) -> None:
+        self.shards = shards
+
+    @torch.inference_mode()
+    def run(self, step: StepInput, hidden: torch.Tensor | None, dispatch_for_layer):
+        """Run this group's layers; return hidden states (B, L, D), or last-token logits (B, V) from the last group."""
+        ids = step.input_ids.to(self.device)
+        mask = None if step.attention_mask is None else step.attention_mask.to(self.device)
+        view = open_cache_view(self.cache, ids.shape, mask, step.slots)
+        masks = build_masks(mask, ids.shape[1]) if view.prefill else Masks(None, None)
+
+        x = self.modules.model.embed_tokens(ids) if self.spec.has_embedding else hidden.to(self.device)
+        for i in self.spec.layers:
+            layer = self.modules.model.layers[str(i)]
+            dispatch = dispatch_for_layer(i) if layer.kind.has_experts else None
+            x, router_logits = layer(x, masks, view, dispatch)
+            if layer.kind.has_experts:
+                self._count(i, router_logits, mask)
+        close_cache_view(view, ids.shape[1], mask)
+
+        if not self.spec.has_head:
+            return x
+        x = self.modules.model.final_layernorm(x[:, -1])
+        return self.modules.lm_head(x).float().cpu()
+
+    def _count(self, layer, router_logits, mask):
+        chosen = router_logits.topk(self.args.num_experts_per_tok, dim=-1).indices
+        if mask is not None:
+            chosen = chosen[mask.reshape(-1).bool()]
+        row = self.plan.moe_layers.index(layer)
+        self.expert_load[row] += torch.bincount(chosen.reshape(-1).cpu(), minlength=self.args.num_experts)
+
+    # "ray" transport: one Ray call per hand-off.
+
+    def forward_ray(self, step: StepInput, hidden: torch.Tensor | None):
+        import ray
+
+        def dispatch_for_layer(layer):
+            def dispatch(x, weights, experts):
+                tokens = _tokens_for_shards(experts, self.shard_experts)
+                routing = _routing(weights, experts)
+                refs = [shard.compute.remote(layer, x[idx].cpu(), routing[idx].cpu())
+                        for shard, idx in zip(self.shards, tokens) if idx.numel()]
+                out = torch.zeros_like(x)
+                for idx, result in zip([t for t in tokens if t.numel()], ray.get(refs)):
+                    out.index_add_(0, idx, result.to(out.device, out.dtype))
+                return out
+            return dispatch
+
+        out = self.run(step, hidden, dispatch_for_layer)
+        return out.cpu()
+
+    # "collective" transport: tensors move over a torch.distributed group.
+
+    def forward_collective(self, step: StepInput):
+        rank = self.spec.index
+        hidden = None
+        if not self.spec.has_embedding:
+            batch, length = step.input_ids.shape
+            hidden = torch.empty(batch, length, self.args.hidden_size, dtype=self._dtype(), device=self.device)
+            dist.recv(hidden, src=rank - 1)
+
+        def dispatch_for_layer(layer):
+            def dispatch(x, weights, experts):
+                tokens = _tokens_for_shards(experts, self.shard_experts)
+                routing = _routing(weights, experts)
+                shard_ranks = [len(self.plan.layer_groups) + s.index for s in self.plan.expert_shards]
+                # Every shard gets the routing of all tokens and works out its own tokens from it, so the only
+                # message with a data-dependent size is one whose size both sides already know.
+                sends = []
+                for shard_rank, idx in zip(shard_ranks, tokens):
+                    sends.append(dist.isend(routing.contiguous(), dst=shard_rank))
+                    if idx.numel():
+                        sends.append(dist.isend(x[idx].contiguous(), dst=shard_rank))
+                out = torch.zeros_like(x)
+                for shard_rank, idx in zip(shard_ranks, tokens):
+                    if idx.numel():
+                        result = torch.empty(idx.numel(), x.shape[-1], dtype=x.dtype, device=x.device)
+                        dist.recv(result, src=shard_rank)
+                        out.index_add_(0, idx, result)
+                for work in sends:
+                    work.wait()
+                return out
+            return dispatch
+
+        out = self.run(step, hidden, dispatch_for_layer)
+        if not self.spec.has_head:
+            dist.send(out.contiguous(), dst=rank + 1)
+            return None
+        return out
+
+    def _dtype(self):
+        return next(self.modules.parameters()).dtype
+
+    def init_collective(self, rank: int, world_size: int, address: str, port: int, timeout_s: float) -> None:
+        _init_process_group(rank, world_size, address, port, timeout_s, self.plan.device)
+
+
+class ExpertShard:
+    """The experts `spec.experts` of every MoE layer."""
+
+    def __init__(self, spec: ExpertShardSpec, plan: ReplicaPlan, model_dir: str, dtype: torch.dtype = torch.float32,
+                 threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.spec, self.plan = spec, plan
+        self.args = load_args(model_dir)
+        self.device = torch.device("cuda" if plan.device == "cuda" else "cpu")
+        self.dtype = dtype
+        with init_empty_weights():
+            part = nn.Module()
+            part.model = nn.Module()
+            part.model.layers = nn.ModuleDict()
+            for layer in plan.moe_layers:
+                block = nn.Module()
+                block.feed_forward = nn.Module()
+                block.feed_forward.experts = nn.ModuleDict({str(e): MLP(self.args) for e in spec.experts})
+                part.model.layers[str(layer)] = block
+        fill_module(part, CheckpointReader(model_dir), self.device, dtype, partial=True)
+        self.modules = part.eval()
+        self.owned = torch.tensor(spec.experts, device=self.device)
+        log.info("expert shard %d ready: experts %s of MoE layers %s on %s", spec.index, list(spec.experts),
+                 list(plan.moe_layers), self.device)
+
+    def ready(self) -> str:
+        return f"expert shard {self.spec.index}"
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def _experts(self, layer):
+        experts = self.modules.model.layers[str(layer)].feed_forward.experts
+        return [experts[str(e)] for e in self.spec.experts]
+
+    @torch.inference_mode()
+    def compute(self, layer: int, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+        """Sum of weight * expert(x) over this shard's experts, for tokens x (n, D) with routing (n, 2K)."""
+        x = x.to(self.device, self.dtype)
+        weights, experts = _unpack_routing(routing.to(self.device), self.dtype)
+        return run_experts(self._experts(layer), self.spec.experts, x, weights, experts).cpu()
+
+    @torch.inference_mode()
+    def forward_collective(self, step: StepInput) -> None:
+        """Serve every MoE layer of one step, in order, for the layer group that owns it."""
+        tokens = step.input_ids.numel()
+        k = self.args.num_experts_per_tok
+        for layer in self.plan.moe_layers:
+            owner = self.plan.owner_of_layer(layer).index
+            routing = torch.empty(tokens, 2 * k, dtype=torch.float32, device=self.device)
+            dist.recv(routing, src=owner)
+            weights, experts = _unpack_routing(routing, self.dtype)
+            idx = torch.isin(experts, self.owned).any(-1).nonzero()[:, 0]
+            if not idx.numel():
+                continue
+            x = torch.empty(idx.numel(), self.args.hidden_size, dtype=self.dtype, device=self.device)
+            dist.recv(x, src=owner)
+            out = run_experts(self._experts(layer), self.spec.experts, x, weights[idx], experts[idx])
+            dist.send(out.contiguous(), dst=owner)
+
+    def init_collective(self, rank: int, world_size: int, address: str, port: int, timeout_s: float) -> None:
+        _init_process_group(rank, world_size, address, port, timeout_s, self.plan.device)
+
+
+def collective_address() -> tuple[str, int]:
+    """This node's address and a free port on it, for the rendezvous of the torch.distributed group."""
+    import ray
+
+    address = ray.util.get_node_ip_address()
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return address, s.getsockname()[1]
+
+
+def _init_process_group(rank, world_size, address, port, timeout_s, device):
+    from datetime import timedelta
+
+    if address.startswith("127."):
+        # gloo otherwise binds the interface of the host name, which need not be loopback.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))

@@ -1,0 +1,182 @@
+"""One model replica spread over Ray actors, behind the runner interface of `serve.runner`.
+
+`RayReplica` places the actors of a `ReplicaPlan` in one placement group, one bundle per actor (each bundle pinned
+to its node when the plan spans several), waits until every actor has loaded its part of the checkpoint, and then
+runs prefill and decode steps over them. A step waits on all of its actors; if one of them dies, the step raises
+`ReplicaFailure` at once, the replica kills the rest (which may be blocked in a collective) and builds itself
+again, and the engine ends the affected requests with UNAVAILABLE.
+"""
+
+import logging
+import time
+from collections.abc import Sequence
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.actors import ExpertShard, LayerGroup, StepInput, collective_address
+from cluster.plan import ReplicaPlan, make_plan
+from jamba.checkpoint import load_args
+from jamba.generate import left_pad
+
+log = logging.getLogger(__name__)
+
+TRANSPORTS = ("collective", "ray")
+
+
+class ReplicaFailure(ConnectionError):
+    """An actor of the replica died or timed out; the step's requests cannot continue."""
+
+
+class RayReplica:
+    """A runner (see `serve.runner.Runner`) whose model lives in layer-group and expert-shard actors."""
+
+    def __init__(self, model_dir: str, num_slots: int, max_len: int, plan: ReplicaPlan | None = None,
+                 layer_groups: int = 2, expert_shards: int = 2, transport: str = "collective",
+                 dtype: torch.dtype = torch.float32, scan: str = "auto", cpus_per_actor: float = 1.0,
+                 threads_per_actor: int | None = None, step_timeout_s: float = 120.0, name: str = "jamba"):
+        from serve.runner import summarize
+
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        self.model_dir, self.dtype, self.scan = str(model_dir), dtype, scan
+        self.args = load_args(model_dir)
+        self.plan = plan or make_plan(self.args, layer_groups, expert_shards)
+        self.plan.check(self.args)
+        self.num_slots, self.max_len, self.vocab_size = num_slots, max_len, self.args.vocab_size
+        self.summary = summarize(self.args, name)
+        self.adapters: tuple[str, ...] = ()
+        self.pad_id = self.args.pad_token_id or 0
+        self.transport = transport
+        self.cpus_per_actor, self.threads_per_actor = cpus_per_actor, threads_per_actor
+        self.step_timeout_s = step_timeout_s
+        self.rebuilds = 0
+        self._broken = False
+        self._actors: list = []
+        self._pg = None
+        log.info("%s\ntransport: %s", self.plan.describe(), transport)
+        self._build()
+
+    # Building and tearing down.
+
+    def _node_ids(self) -> list[str]:
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        if len(alive) < self.plan.num_nodes:
+            raise ValueError(f"the plan needs {self.plan.num_nodes} nodes but the cluster has {len(alive)}")
+        # The head node first, the others in a stable order, so node 0 of the plan is the head.
+        alive.sort(key=lambda n: (not n.get("Resources", {}).get("node:__internal_head__"), n["NodeID"]))
+        return [n["NodeID"] for n in alive[: self.plan.num_nodes]]
+
+    def _build(self) -> None:
+        resource = "GPU" if self.plan.device == "cuda" else "CPU"
+        specs = [*self.plan.layer_groups, *self.plan.expert_shards]
+        bundles = [{resource: self.cpus_per_actor if resource == "CPU" else 1} for _ in specs]
+        if self.plan.num_nodes > 1:
+            nodes = self._node_ids()
+            selectors = [{"ray.io/node-id": nodes[spec.node]} for spec in specs]
+            self._pg = placement_group(bundles, strategy="PACK", bundle_label_selector=selectors)
+        else:
+            self._pg = placement_group(bundles, strategy="STRICT_PACK" if resource == "GPU" else "PACK")
+        ray.get(self._pg.ready(), timeout=self.step_timeout_s)
+
+        def options(bundle):
+            return dict(num_cpus=self.cpus_per_actor if resource == "CPU" else 0,
+                        num_gpus=1 if resource == "GPU" else 0, max_restarts=0,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, bundle))
+
+        group_cls, shard_cls = ray.remote(LayerGroup), ray.remote(ExpertShard)
+        self.groups = [
+            group_cls.options(**options(i)).remote(spec, self.plan, self.model_dir, self.num_slots, self.max_len,
+                                                   self.dtype, self.scan, self.threads_per_actor)
+            for i, spec in enumerate(self.plan.layer_groups)
+        ]
+        offset = len(self.groups)
+        self.shards = [
+            shard_cls.options(**options(offset + i)).remote(spec, self.plan, self.model_dir, self.dtype,
+                                                            self.threads_per_actor)
+            for i, spec in enumerate(self.plan.expert_shards)
+        ]
+        self._actors = [*self.groups, *self.shards]
+        self._wait([a.ready.remote() for a in self._actors], "loading")
+        self._wait([g.set_shards.remote(self.shards) for g in self.groups], "setup")
+        if self.transport == "collective":
+            address, port = ray.get(self.groups[0].__ray_call__.remote(lambda _: collective_address()))
+            world = len(self._actors)
+            self._wait([a.init_collective.remote(rank, world, address, port, self.step_timeout_s)
+                        for rank, a in enumerate(self._actors)], "collective setup")
+
+    def node_ids(self) -> dict[str, str]:
+        """Node of every actor, by name: 'group 0', 'shard 1', ..."""
+        names = [f"group {i}" for i in range(len(self.groups))] + [f"shard {i}" for i in range(len(self.shards))]
+        return dict(zip(names, ray.get([a.node_id.remote() for a in self._actors])))
+
+    def shutdown(self) -> None:
+        for actor in self._actors:
+            ray.kill(actor, no_restart=True)
+        self._actors = []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+
+    def rebuild(self) -> None:
+        log.warning("rebuilding the replica: killing %d actors and starting them again", len(self._actors))
+        self.shutdown()
+        self.rebuilds += 1
+        self._build()
+
+    def _wait(self, refs, what: str):
+        """Wait for every ref; raise ReplicaFailure as soon as one fails, and mark the replica for rebuilding."""
+        pending, results = list(refs), {}
+        deadline = time.monotonic() + self.step_timeout_s
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    raise ReplicaFailure(f"{what} timed out after {self.step_timeout_s} s")
+                results[ready[0]] = ray.get(ready[0])
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError, ReplicaFailure) as error:
+            log.error("replica %s failed: %s", what, error)
+            self._broken = True
+            raise ReplicaFailure(f"a model actor failed during {what}: {error}") from error
+        return [results[r] for r in refs]
+
+    # The runner interface.
+
+    def _ensure_healthy(self) -> None:
+        """Rebuild after a failure, on the next call, so that the failed step's error reaches its requests first."""
+        if self._broken:
+            self._broken = False
+            self.rebuild()
+
+    def _step(self, step: StepInput) -> torch.Tensor:
+        self._ensure_healthy()
+        if self.transport == "collective":
+            refs = [g.forward_collective.remote(step) for g in self.groups]
+            refs += [s.forward_collective.remote(step) for s in self.shards]
+            return self._wait(refs, "step")[len(self.groups) - 1]
+        hidden = None
+        for group in self.groups:
+            hidden = self._wait([group.forward_ray.remote(step, hidden)], "step")[0]
+        return hidden
+
+    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
+                adapters: Sequence[str | None]) -> torch.Tensor:
+        if any(adapter is not None for adapter in adapters):
+            raise NotImplementedError("the Ray replica serves the base model only; adapters are not loaded yet")
+        ids, mask = left_pad([list(p) for p in prompts], self.pad_id)
+        step = StepInput(ids, None if bool(mask.all()) else mask, torch.tensor(list(slots)))
+        return self._step(step)
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        step = StepInput(torch.tensor(list(tokens))[:, None], None, torch.tensor(list(slots)))
+        return self._step(step)
+
+    def free(self, slots: Sequence[int]) -> None:
+        self._ensure_healthy()
+        self._wait([g.free.remote(list(slots)) for g in self.groups], "free")
+
+    def take_expert_load(self) -> torch.Tensor:
+        loads = self._wait([g.take_expert_load.remote() for g in self.groups], "expert load")
+        return sum(loads)
