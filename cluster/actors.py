@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -205,8 +206,13 @@ class LayerGroup:
     def _dtype(self):
         return next(self.modules.parameters()).dtype
 
+    def open_store(self, world_size: int, timeout_s: float) -> tuple[str, int]:
+        self._store, address, port = open_store(world_size, timeout_s)
+        return address, port
+
     def init_collective(self, rank: int, world_size: int, address: str, port: int, timeout_s: float) -> None:
-        _init_process_group(rank, world_size, address, port, timeout_s, self.plan.device)
+        _init_process_group(rank, world_size, address, port, timeout_s, self.plan.device,
+                            getattr(self, "_store", None))
 
 
 class ExpertShard:
@@ -276,22 +282,30 @@ class ExpertShard:
         _init_process_group(rank, world_size, address, port, timeout_s, self.plan.device)
 
 
-def collective_address() -> tuple[str, int]:
-    """This node's address and a free port on it, for the rendezvous of the torch.distributed group."""
+def open_store(world_size: int, timeout_s: float):
+    """Start the torch.distributed key-value store on this node's Ray address; return (store, address, port).
+
+    The listening socket is bound here, to the address Ray uses, because TCPStore alone listens on every
+    interface.
+    """
     import ray
 
     address = ray.util.get_node_ip_address()
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return address, s.getsockname()[1]
+    listener = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+    listener.bind((address, 0))
+    listener.listen(world_size * 2)
+    port = listener.getsockname()[1]
+    store = dist.TCPStore(address, port, world_size, True, timedelta(seconds=timeout_s), wait_for_workers=False,
+                          master_listen_fd=listener.detach(), use_libuv=False)
+    return store, address, port
 
 
-def _init_process_group(rank, world_size, address, port, timeout_s, device):
-    from datetime import timedelta
-
+def _init_process_group(rank, world_size, address, port, timeout_s, device, store=None):
     if address.startswith("127."):
         # gloo otherwise binds the interface of the host name, which need not be loopback.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if store is None:
+        store = dist.TCPStore(address, port, world_size, False, timedelta(seconds=timeout_s), use_libuv=False)
     backend = "nccl" if device == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size,
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))

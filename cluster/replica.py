@@ -16,7 +16,7 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.actors import ExpertShard, LayerGroup, StepInput, collective_address
+from cluster.actors import ExpertShard, LayerGroup, StepInput
 from cluster.plan import ReplicaPlan, make_plan
 from jamba.checkpoint import load_args
 from jamba.generate import left_pad
@@ -102,8 +102,8 @@ class RayReplica:
         self._wait([a.ready.remote() for a in self._actors], "loading")
         self._wait([g.set_shards.remote(self.shards) for g in self.groups], "setup")
         if self.transport == "collective":
-            address, port = ray.get(self.groups[0].__ray_call__.remote(lambda _: collective_address()))
             world = len(self._actors)
+            address, port = self._wait([self.groups[0].open_store.remote(world, self.step_timeout_s)], "setup")[0]
             self._wait([a.init_collective.remote(rank, world, address, port, self.step_timeout_s)
                         for rank, a in enumerate(self._actors)], "collective setup")
 

@@ -1,4 +1,9 @@
 import logging
+import os
+
+# Keep every Ray listener on 127.0.0.1; Ray reads this when it is imported, so it is set before any test module
+# imports ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest
 import torch

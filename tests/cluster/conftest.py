@@ -1,5 +1,3 @@
-import os
-
 import pytest
 import torch
 
@@ -9,7 +7,6 @@ from jamba.model import Jamba, JambaArgs
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray instance that listens on 127.0.0.1 only."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
     ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",

@@ -1,0 +1,108 @@
+"""A replica of 2 layer groups and 2 expert shards against the in-process model."""
+
+import asyncio
+import subprocess
+import time
+
+import pytest
+import ray
+import torch
+
+from cluster.replica import RayReplica, ReplicaFailure
+from jamba.generate import generate
+from serve.runner import LocalRunner
+
+
+@pytest.fixture(scope="module", params=["collective", "ray"])
+def replica(request, ray_cluster, tiny_checkpoint):
+    path, _ = tiny_checkpoint
+    replica = RayReplica(path, num_slots=4, max_len=64, transport=request.param, threads_per_actor=1)
+    yield replica
+    replica.shutdown()
+
+
+def test_logits_match_in_process(replica, tiny_checkpoint):
+    _, model = tiny_checkpoint
+    local = LocalRunner(model, num_slots=4, max_len=64)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+
+    diffs = [(local.prefill([1, 3], prompts, [None, None]) - replica.prefill([1, 3], prompts, [None, None]))]
+    for tokens in ([20, 21], [30, 31], [40, 41]):
+        diffs.append(local.decode([1, 3], tokens) - replica.decode([1, 3], tokens))
+    local.free([1, 3])
+    replica.free([1, 3])
+
+    worst = max(d.abs().max().item() for d in diffs)
+    assert worst < 1e-4, f"max logit difference {worst}"
+    assert torch.equal(local.take_expert_load(), replica.take_expert_load())
+
+
+def _greedy_on_runner(runner, prompts, steps):
+    """Greedy continuation with sequences joining and leaving: prompt i joins at step i and runs `steps` tokens."""
+    outputs = {i: [] for i in range(len(prompts))}
+    running = {}
+    for tick in range(len(prompts) + steps):
+        if tick < len(prompts):
+            logits = runner.prefill([tick], [prompts[tick]], [None])
+            outputs[tick].append(int(logits[0].argmax()))
+            running[tick] = tick
+        done = [i for i in running if len(outputs[i]) == steps]
+        if done:
+            runner.free([running.pop(i) for i in done])
+        if running:
+            order = list(running)
+            logits = runner.decode([running[i] for i in order], [outputs[i][-1] for i in order])
+            for i, row in zip(order, logits):
+                outputs[i].append(int(row.argmax()))
+    return [outputs[i][:steps] for i in range(len(prompts))]
+
+
+def test_greedy_tokens_match_under_continuous_batching(replica, tiny_checkpoint):
+    _, model = tiny_checkpoint
+    prompts = [[3 + i, 40 + i, 90 + 2 * i, 7] for i in range(4)]
+    expected = [generate(model, [p], max_new_tokens=6)[0].tokens for p in prompts]
+    assert _greedy_on_runner(replica, prompts, steps=6) == expected
+
+
+def test_plan_actors_load_only_their_tensors(replica, tiny_checkpoint):
+    _, model = tiny_checkpoint
+    group_params = ray.get([g.__ray_call__.remote(lambda a: sum(p.numel() for p in a.modules.parameters()))
+                            for g in replica.groups])
+    shard_params = ray.get([s.__ray_call__.remote(lambda a: sum(p.numel() for p in a.modules.parameters()))
+                            for s in replica.shards])
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(group_params) + sum(shard_params) == total
+    assert max(group_params + shard_params) < total / 2
+
+
+def test_listeners_stay_on_loopback(replica):
+    """Ray's processes and the replica's actors (and their torch.distributed sockets) listen on 127.0.0.1 only."""
+    replica.prefill([0], [[5, 6]], [None])
+    replica.free([0])
+    lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
+    ours = [line for line in lines if "ray" in line or "gcs_server" in line]
+    exposed = [line for line in ours if not line.split()[3].startswith(("127.", "[::1]", "[::ffff:127."))]
+    assert ours
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def test_dead_expert_shard_fails_the_step_and_replica_recovers(ray_cluster, tiny_checkpoint):
+    path, model = tiny_checkpoint
+    replica = RayReplica(path, num_slots=2, max_len=64, transport="collective", threads_per_actor=1,
+                         step_timeout_s=30)
+    try:
+        replica.prefill([0], [[5, 6, 7]], [None])
+        ray.kill(replica.shards[1], no_restart=True)
+
+        started = time.monotonic()
+        with pytest.raises(ReplicaFailure, match="a model actor failed during step"):
+            replica.decode([0], [8])
+        assert time.monotonic() - started < 30
+
+        replica.free([0])  # rebuilds the replica before freeing
+        assert replica.rebuilds == 1
+        logits = replica.prefill([0], [[5, 6, 7]], [None])
+        expected = model(torch.tensor([[5, 6, 7]])).logits[0, -1]
+        assert (logits[0] - expected).abs().max().item() < 1e-4
+    finally:
+        replica.shutdown()
