@@ -4,7 +4,7 @@ import torch
 from jamba.model import Jamba, JambaArgs
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray instance that listens on 127.0.0.1 only."""
     import ray
