@@ -47,8 +47,12 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
     for path in sorted(out_dir.rglob("*.py*")):
         if not path.name.endswith(("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")):
             continue
-        text = path.read_text()
-        path.write_text(import_pattern.sub(rf"\1 {PACKAGE_PREFIX}\2\3", text))
+        text = import_pattern.sub(rf"\1 {PACKAGE_PREFIX}\2\3", path.read_text())
+        # The module name given to the message classes, so that pickle (Ray passes requests between processes)
+        # imports them from where they are.
+        module_pattern = re.compile(rf"BuildTopDescriptorsAndMessages\(DESCRIPTOR, '({'|'.join(PROTO_PACKAGES)})\.")
+        text = module_pattern.sub(rf"BuildTopDescriptorsAndMessages(DESCRIPTOR, '{PACKAGE_PREFIX}\1.", text)
+        path.write_text(text)
         written.append(path)
 
     # Every directory between out_dir and a stub becomes a package.

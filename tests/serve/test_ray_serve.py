@@ -1,0 +1,124 @@
+"""The Ray Serve application: gRPC through Serve's proxy to a model replica spread over Ray actors."""
+
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+import ray
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ray import serve
+from ray.serve.config import gRPCOptions
+
+from jamba.generate import generate
+from jamba.model import Jamba, JambaArgs
+from serve.deployment import JambaDeployment, build_app
+from serve.proto.jamba.v1 import jamba_pb2, jamba_pb2_grpc
+
+CONFIG = yaml.safe_load(open("serve/serve_config.yaml"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def serve_instance(tokenizer, tmp_path_factory):
+    torch_model = Jamba(JambaArgs.from_preset("tiny", vocab_size=tokenizer.vocab_size)).eval()
+    path = tmp_path_factory.mktemp("model")
+    torch_model.save_pretrained(path)
+    tokenizer.save(path)
+
+    ray.init(address="local", num_cpus=16, include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level="ERROR", log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
+                grpc_options=gRPCOptions(port=port,
+                                         grpc_servicer_functions=CONFIG["grpc_options"]["grpc_servicer_functions"]))
+    yield path, torch_model, port
+    serve.shutdown()
+    ray.shutdown()
+
+
+def run_app(path, **overrides):
+    args = {**CONFIG["applications"][0]["args"], "model": str(path), "slots": 4, "max_len": 64,
+            "threads_per_actor": 1, **overrides}
+    serve.run(build_app(args), name="jamba", route_prefix="/")
+
+
+def test_generate_through_serve_matches_in_process(serve_instance, tokenizer):
+    path, torch_model, port = serve_instance
+    run_app(path)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = jamba_pb2_grpc.JambaServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        prompt = tokenizer.encode_prompt("12+34=")
+        request = jamba_pb2.GenerateRequest(text="12+34=", sampling=jamba_pb2.SamplingParams(max_new_tokens=8))
+
+        unary = stub.Generate(request, timeout=60)
+        streamed = list(stub.GenerateStream(request, timeout=60))
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.Generate(jamba_pb2.GenerateRequest(text="12+34=", sampling=jamba_pb2.SamplingParams(top_p=1.5)),
+                          timeout=30)
+
+    expected = generate(torch_model, [prompt], max_new_tokens=8)[0].tokens
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert list(unary.token_ids) == expected
+    assert [t for m in streamed for t in m.token_ids] == expected
+    assert streamed[-1].usage.completion_tokens == 8
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "top_p" in bad.value.details()
+
+
+def _replicas(app="jamba") -> int:
+    deployment = serve.status().applications[app].deployments["JambaDeployment"]
+    return sum(deployment.replica_states.get(state, 0) for state in ("RUNNING",))
+
+
+def test_autoscaling_grows_under_load_and_shrinks_when_idle(serve_instance):
+    path, _, port = serve_instance
+    args = {**CONFIG["applications"][0]["args"], "model": str(path), "slots": 2, "max_len": 64,
+            "layer_groups": 1, "expert_shards": 1, "threads_per_actor": 1}
+    app = JambaDeployment.options(autoscaling_config=dict(
+        min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0.5, downscale_delay_s=3,
+        metrics_interval_s=0.5, look_back_period_s=1)).bind(**args)
+    serve.run(app, name="jamba", route_prefix="/")
+    assert _replicas() == 1
+
+    stop = threading.Event()
+    errors = []
+
+    def client():
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = jamba_pb2_grpc.JambaServiceStub(channel)
+            request = jamba_pb2.GenerateRequest(text="7+8=", sampling=jamba_pb2.SamplingParams(max_new_tokens=48))
+            while not stop.is_set():
+                try:
+                    stub.Generate(request, timeout=60)
+                except grpc.RpcError as error:
+                    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        errors.append(error)
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    peak, deadline = 1, time.monotonic() + 90
+    while time.monotonic() < deadline and peak < 2:
+        peak = max(peak, _replicas())
+        time.sleep(0.5)
+    stop.set()
+    for thread in threads:
+        thread.join()
+
+    low, deadline = peak, time.monotonic() + 90
+    while time.monotonic() < deadline and low > 1:
+        time.sleep(1)
+        low = _replicas()
+
+    assert not errors, errors[:3]
+    assert peak == 2
+    assert low == 1
