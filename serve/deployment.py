@@ -1,68 +1,69 @@
-"""The Ray Serve application: JambaService behind Ray Serve's gRPC proxy, one model replica per Serve replica.
+"""The Ray Serve application: JambaService over gRPC, one model replica per Serve replica.
 
 `serve run serve/serve_config.yaml` (or KubeRay's RayService, which embeds the same file) builds the application
-with `build_app`. Each Serve replica owns a continuous-batching engine over a `cluster.replica.RayReplica`, whose
-layer groups and expert shards are actors of their own, so Serve autoscaling on ongoing requests adds and removes
-whole model replicas.
+with `build_app`. It has two deployments:
 
-Why Serve's gRPC proxy and not a server of our own: the proxy gives request routing, autoscaling metrics and
-replica health from Serve itself, and KubeRay exposes it as is. The handlers below reuse the servicer of
-`serve/server.py`, so both servers validate and answer the same way. The standard grpc.health.v1 `Check` is routed
-to the deployment like any other method and reports NOT_SERVING until the replica's actors are loaded.
+- `JambaDeployment`, autoscaled on ongoing requests: each replica owns a continuous-batching engine over a
+  `cluster.replica.RayReplica`, whose layer groups and expert shards are actors of their own, so scaling adds and
+  removes whole model replicas.
+- `GrpcIngress`, one replica: the gRPC server of `serve/server.py` (JambaService, grpc.health.v1 with NOT_SERVING
+  while draining, reflection, deadlines, optional bearer token), forwarding each request to `JambaDeployment`
+  through a deployment handle.
 
-Environment: JAMBA_MODEL_DIR overrides the `model` argument (KubeRay mounts the weights from a volume there).
+Why an ingress of our own instead of Serve's gRPC proxy: the proxy (Ray 2.60) listens on every interface with no
+way to choose the address, has no grpc.health.v1, no reflection and no client deadline in the handler. The
+ingress binds the host it is given, serves exactly what the single-process server serves, and passes each
+client's deadline on to the engine. Serve still routes, load-balances and autoscales the model replicas, because
+the ingress calls them through a handle.
+
+Environment: JAMBA_MODEL_DIR overrides the `model` argument (KubeRay mounts the weights from a volume there), and
+JAMBA_SERVE_TOKEN sets the bearer token the ingress requires.
 """
 
 import asyncio
 import logging
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import torch
-from grpc_health.v1 import health_pb2
 from ray import serve
 
 from jamba.model import default_model_dir
 from jamba.tokenizer import Tokenizer
 from serve.engine import Engine, EngineConfig
-from serve.server import JambaServicer
+from serve.runner import ModelSummary
+from serve.validation import GenerationRequest, Limits
 
 log = logging.getLogger(__name__)
 
 
-class _Aborted(Exception):
-    """Raised after the status code is set on Serve's gRPC context; the proxy sends that code to the client.
-
-    It must propagate out of the handler: Serve turns a raised error into the status set on the context.
-    """
+def _model_dir(model: str | None) -> Path:
+    return Path(os.environ.get("JAMBA_MODEL_DIR") or model or default_model_dir())
 
 
-class _ServeContext:
-    """The part of grpc.aio's ServicerContext that JambaServicer uses, over Ray Serve's gRPC context."""
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """What the ingress needs to validate requests and answer GetModelInfo without asking each time."""
 
-    def __init__(self, grpc_context):
-        self._context = grpc_context
-
-    def time_remaining(self):
-        # The proxy enforces the client's deadline: it cancels the request, which frees the slot in the engine.
-        return None
-
-    async def abort(self, code: grpc.StatusCode, details: str):
-        self._context.set_code(code)
-        self._context.set_details(details)
-        raise _Aborted(details)
+    summary: ModelSummary
+    limits: Limits
+    num_slots: int
+    max_queue_size: int
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class JambaDeployment:
+    """A continuous-batching engine over one model replica; called through a handle by `GrpcIngress`."""
+
     def __init__(self, model: str | None = None, layer_groups: int = 2, expert_shards: int = 2, slots: int = 16,
                  max_len: int = 512, transport: str = "collective", queue_size: int = 64,
                  cpus_per_actor: float = 1.0, threads_per_actor: int | None = None):
         from cluster.replica import RayReplica
         from serve.runner import LocalRunner
 
-        model_dir = Path(os.environ.get("JAMBA_MODEL_DIR") or model or default_model_dir())
+        model_dir = _model_dir(model)
         if layer_groups == 0:
             from jamba.model import Jamba
 
@@ -73,60 +74,122 @@ class JambaDeployment:
                                 expert_shards=expert_shards, transport=transport, cpus_per_actor=cpus_per_actor,
                                 threads_per_actor=threads_per_actor, name=model_dir.name)
         self.engine = Engine(runner, Tokenizer.from_file(model_dir), EngineConfig(max_queue_size=queue_size))
-        self.servicer = JambaServicer(self.engine)
         self._started = False
-        log.info("Jamba deployment ready: %s, %d slots of %d tokens, torch %s", model_dir, slots, max_len,
+        log.info("model replica ready: %s, %d slots of %d tokens, torch %s", model_dir, slots, max_len,
                  torch.__version__)
 
-    def _start(self):
+    def _start(self) -> None:
         if not self._started:
             self.engine.start()
             self._started = True
 
-    async def _call(self, method, request, grpc_context):
+    def info(self) -> ReplicaInfo:
+        return ReplicaInfo(self.engine.runner.summary, self.engine.limits, self.engine.runner.num_slots,
+                           self.engine.config.max_queue_size)
+
+    def stats(self) -> dict[str, int]:
+        return {"free_slots": self.engine.num_free_slots, "running": self.engine.num_running,
+                "waiting": self.engine.num_waiting}
+
+    async def generate(self, request: GenerationRequest, timeout_s: float | None):
+        """Yield the engine's chunks for a validated request; errors reach the caller as raised here."""
         self._start()
-        return await method(request, _ServeContext(grpc_context))
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        async for chunk in self.engine.generate(request, deadline):
+            yield chunk
 
-    async def Generate(self, request, grpc_context):
-        return await self._call(self.servicer.Generate, request, grpc_context)
 
-    async def GenerateStream(self, request, grpc_context):
-        self._start()
-        async for message in self.servicer.GenerateStream(request, _ServeContext(grpc_context)):
-            yield message
+class RemoteEngine:
+    """The engine interface `serve/server.py` needs, over a handle to `JambaDeployment`.
 
-    async def GetModelInfo(self, request, grpc_context):
-        return await self._call(self.servicer.GetModelInfo, request, grpc_context)
+    Validation runs here with the replicas' limits and the tokenizer, so bad requests never reach a model replica.
+    """
 
-    async def Tokenize(self, request, grpc_context):
-        return await self._call(self.servicer.Tokenize, request, grpc_context)
+    def __init__(self, handle, tokenizer: Tokenizer, info: ReplicaInfo):
+        self.handle = handle.options(stream=True)
+        self.tokenizer = tokenizer
+        self.limits = info.limits
+        self.config = EngineConfig(max_queue_size=info.max_queue_size)
+        self.runner = info  # JambaServicer reads runner.summary and runner.num_slots
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
-    async def Check(self, request, grpc_context):
-        """grpc.health.v1 Check: SERVING while the engine admits requests."""
-        self._start()
-        serving = not self.engine.draining
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        return health_pb2.HealthCheckResponse(status=status)
-
-    async def Watch(self, request, grpc_context):
-        grpc_context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        grpc_context.set_details("Watch is not supported; poll Check instead")
-        raise _Aborted("Watch is not supported")
-        yield  # makes this a generator, as Serve expects for a server-streaming method
-
+    @property
     def num_running(self) -> int:
-        return self.engine.num_running
+        return self._in_flight
+
+    num_waiting = 0
+
+    def start(self) -> None:
+        pass
+
+    def start_draining(self) -> None:
+        self.draining = True
+
+    async def wait_idle(self, timeout_s: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def stop(self) -> None:
+        pass
+
+    async def generate(self, request: GenerationRequest, deadline: float | None = None):
+        from serve.validation import Draining
+
+        if self.draining:
+            raise Draining("the server is shutting down and accepts no new requests")
+        timeout_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            async for chunk in self.handle.generate.remote(request, timeout_s):
+                yield chunk
+        except Exception as error:
+            # Serve wraps a replica's exception; its cause is the error the client should see.
+            raise getattr(error, "cause", None) or error from None
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class GrpcIngress:
+    """The gRPC front: the server of `serve/server.py` on host:port, forwarding to `JambaDeployment`."""
+
+    async def __init__(self, model_handle, model: str | None = None, host: str = "127.0.0.1", port: int = 9000,
+                     grace_period_s: float = 30.0):
+        from serve.server import create_server
+
+        info = await model_handle.info.remote()
+        engine = RemoteEngine(model_handle, Tokenizer.from_file(_model_dir(model)), info)
+        self.server, self.port = create_server(f"{host}:{port}", engine, token=os.environ.get("JAMBA_SERVE_TOKEN"))
+        await self.server.start()
+        self.grace_period_s = grace_period_s
+        log.info("gRPC ingress listening on %s:%d", host, self.port)
+
+    def address(self) -> int:
+        return self.port
 
     async def __del__(self):
-        if self._started:
-            await asyncio.wait_for(self.engine.stop(), timeout=10)
+        await self.server.stop(self.grace_period_s)
+
+
+_MODEL_ARGS = {"model", "layer_groups", "expert_shards", "slots", "max_len", "transport", "queue_size",
+               "cpus_per_actor", "threads_per_actor"}
+_INGRESS_ARGS = {"host", "port", "grace_period_s"}
 
 
 def build_app(args: dict) -> serve.Application:
-    """Build the application from the `args` of the Serve config."""
-    known = {"model", "layer_groups", "expert_shards", "slots", "max_len", "transport", "queue_size",
-             "cpus_per_actor", "threads_per_actor"}
-    unknown = sorted(set(args) - known)
+    """Build the application from the `args` of the Serve config (model args plus host/port of the ingress)."""
+    unknown = sorted(set(args) - _MODEL_ARGS - _INGRESS_ARGS)
     if unknown:
-        raise ValueError(f"unknown application args {unknown}; known args are {sorted(known)}")
-    return JambaDeployment.bind(**args)
+        raise ValueError(f"unknown application args {unknown}; known args are {sorted(_MODEL_ARGS | _INGRESS_ARGS)}")
+    model_args = {k: v for k, v in args.items() if k in _MODEL_ARGS}
+    ingress_args = {k: v for k, v in args.items() if k in _INGRESS_ARGS}
+    return GrpcIngress.bind(JambaDeployment.bind(**model_args), model=args.get("model"), **ingress_args)

@@ -10,11 +10,10 @@ import ray
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
-from ray.serve.config import gRPCOptions
 
 from jamba.generate import generate
 from jamba.model import Jamba, JambaArgs
-from serve.deployment import JambaDeployment, build_app
+from serve.deployment import GrpcIngress, JambaDeployment, build_app
 from serve.proto.jamba.v1 import jamba_pb2, jamba_pb2_grpc
 
 CONFIG = yaml.safe_load(open("serve/serve_config.yaml"))
@@ -35,24 +34,23 @@ def serve_instance(tokenizer, tmp_path_factory):
 
     ray.init(address="local", num_cpus=16, include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level="ERROR", log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
-                grpc_options=gRPCOptions(port=port,
-                                         grpc_servicer_functions=CONFIG["grpc_options"]["grpc_servicer_functions"]))
-    yield path, torch_model, port
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, proxy_location=CONFIG["proxy_location"])
+    yield path, torch_model
     serve.shutdown()
     ray.shutdown()
 
 
-def run_app(path, **overrides):
-    args = {**CONFIG["applications"][0]["args"], "model": str(path), "slots": 4, "max_len": 64,
-            "threads_per_actor": 1, **overrides}
-    serve.run(build_app(args), name="jamba", route_prefix="/")
+def app_args(path, **overrides):
+    """The Serve config's args with the test model, a free port and small sizes."""
+    return {**CONFIG["applications"][0]["args"], "model": str(path), "port": free_port(), "slots": 4,
+            "max_len": 64, "threads_per_actor": 1, **overrides}
 
 
 def test_generate_through_serve_matches_in_process(serve_instance, tokenizer):
-    path, torch_model, port = serve_instance
-    run_app(path)
+    path, torch_model = serve_instance
+    args = app_args(path)
+    serve.run(build_app(args), name="jamba", route_prefix=None)
+    port = args["port"]
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = jamba_pb2_grpc.JambaServiceStub(channel)
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
@@ -74,19 +72,57 @@ def test_generate_through_serve_matches_in_process(serve_instance, tokenizer):
     assert "top_p" in bad.value.details()
 
 
+def test_cancelled_streams_and_deadlines_free_the_slots(serve_instance):
+    path, _ = serve_instance
+    args = app_args(path, slots=4)
+    serve.run(build_app(args), name="jamba", route_prefix=None)
+    model = serve.get_deployment_handle("JambaDeployment", app_name="jamba")
+    request = jamba_pb2.GenerateRequest(text="7+8=", sampling=jamba_pb2.SamplingParams(max_new_tokens=60))
+
+    with grpc.insecure_channel(f"127.0.0.1:{args['port']}") as channel:
+        stub = jamba_pb2_grpc.JambaServiceStub(channel)
+        for _ in range(3):
+            streams = [stub.GenerateStream(request, timeout=60) for _ in range(6)]
+            for stream in streams:
+                next(stream)
+                stream.cancel()
+        with pytest.raises(grpc.RpcError) as late:
+            stub.Generate(request, timeout=0.3)
+
+    deadline = time.monotonic() + 10
+    stats = model.stats.remote().result()
+    while time.monotonic() < deadline and stats["free_slots"] < 4:
+        time.sleep(0.2)
+        stats = model.stats.remote().result()
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert stats == {"free_slots": 4, "running": 0, "waiting": 0}
+
+
+def test_ingress_listens_on_loopback_only(serve_instance):
+    import subprocess
+
+    path, _ = serve_instance
+    args = app_args(path)
+    serve.run(build_app(args), name="jamba", route_prefix=None)
+    lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
+    ingress = [line for line in lines if f":{args['port']} " in line]
+    assert len(ingress) == 1
+    assert ingress[0].split()[3] in (f"127.0.0.1:{args['port']}", f"[::ffff:127.0.0.1]:{args['port']}")
+
+
 def _replicas(app="jamba") -> int:
     deployment = serve.status().applications[app].deployments["JambaDeployment"]
     return sum(deployment.replica_states.get(state, 0) for state in ("RUNNING",))
 
 
 def test_autoscaling_grows_under_load_and_shrinks_when_idle(serve_instance):
-    path, _, port = serve_instance
-    args = {**CONFIG["applications"][0]["args"], "model": str(path), "slots": 2, "max_len": 64,
-            "layer_groups": 1, "expert_shards": 1, "threads_per_actor": 1}
-    app = JambaDeployment.options(autoscaling_config=dict(
+    path, _ = serve_instance
+    args = app_args(path, slots=2, layer_groups=1, expert_shards=1)
+    port = args.pop("port")
+    model = JambaDeployment.options(autoscaling_config=dict(
         min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0.5, downscale_delay_s=3,
-        metrics_interval_s=0.5, look_back_period_s=1)).bind(**args)
-    serve.run(app, name="jamba", route_prefix="/")
+        metrics_interval_s=0.5, look_back_period_s=1)).bind(**{k: v for k, v in args.items() if k != "host"})
+    serve.run(GrpcIngress.bind(model, model=args["model"], port=port), name="jamba", route_prefix=None)
     assert _replicas() == 1
 
     stop = threading.Event()
