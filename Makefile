@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Starts a local Ray cluster on 127.0.0.1, deploys serve/serve_config.yaml, answers one question over gRPC and
+# keeps serving on 127.0.0.1:9000 until Ctrl-C.
 run: $(STAMP)
-	$(PY) -m jamba.generate --prompt "12+34=" --prompt "305+298=" --prompt "47*6="
+	$(PY) -m serve.local
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
