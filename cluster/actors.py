@@ -17,6 +17,7 @@ Legend: B batch, L sequence, D hidden size, T tokens in the step (B*L), K expert
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -73,6 +74,7 @@ class LayerGroup:
         self.shard_experts = [torch.tensor(s.experts, device=self.device) for s in plan.expert_shards]
         self.expert_load = torch.zeros(len(plan.moe_layers), self.args.num_experts, dtype=torch.long)
         self.shards = []  # actor handles, for the "ray" transport
+        self.dispatch_seconds, self.dispatch_calls = 0.0, 0
         log.info("layer group %d ready: layers %s on %s", spec.index, list(spec.layers), self.device)
 
     def _build(self, model_dir, dtype, scan) -> nn.Module:
@@ -115,6 +117,21 @@ class LayerGroup:
     def set_shards(self, shards) -> None:
         self.shards = shards
 
+    def take_dispatch_stats(self) -> tuple[float, int]:
+        """Seconds spent sending tokens to expert shards and combining their results, and how many MoE layers."""
+        stats = (self.dispatch_seconds, self.dispatch_calls)
+        self.dispatch_seconds, self.dispatch_calls = 0.0, 0
+        return stats
+
+    def _timed(self, dispatch):
+        def timed(x, weights, experts):
+            started = time.perf_counter()
+            out = dispatch(x, weights, experts)
+            self.dispatch_seconds += time.perf_counter() - started
+            self.dispatch_calls += 1
+            return out
+        return timed
+
     @torch.inference_mode()
     def run(self, step: StepInput, hidden: torch.Tensor | None, dispatch_for_layer):
         """Run this group's layers; return hidden states (B, L, D), or last-token logits (B, V) from the last group."""
@@ -126,7 +143,7 @@ class LayerGroup:
         x = self.modules.model.embed_tokens(ids) if self.spec.has_embedding else hidden.to(self.device)
         for i in self.spec.layers:
             layer = self.modules.model.layers[str(i)]
-            dispatch = dispatch_for_layer(i) if layer.kind.has_experts else None
+            dispatch = self._timed(dispatch_for_layer(i)) if layer.kind.has_experts else None
             x, router_logits = layer(x, masks, view, dispatch)
             if layer.kind.has_experts:
                 self._count(i, router_logits, mask)

@@ -1,0 +1,79 @@
+"""Benchmark one model replica over Ray actors against the in-process model, in the same run.
+
+Decode tokens/s at batch 16 for (a) the in-process model, (b) the replica with a Ray call per hand-off and (c)
+the replica with a torch.distributed (gloo) group between its actors, plus the time each MoE layer spends on
+dispatching tokens to expert shards and combining their results. The model is the `bench` preset (8 layers, MoE
+every other layer with 4 experts top-2) with random weights, 2 layer groups and 2 expert shards.
+
+    python bench/replica.py [--batch 16] [--steps 32] [--threads 2]
+"""
+
+import argparse
+import os
+import tempfile
+import time
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from cluster.replica import RayReplica  # noqa: E402
+from jamba.model import Jamba, JambaArgs  # noqa: E402
+from serve.runner import LocalRunner  # noqa: E402
+
+
+def decode_rate(runner, batch: int, steps: int, prompt_len: int = 16) -> float:
+    slots = list(range(batch))
+    prompts = [[3 + (i * 7 + j) % 4000 for j in range(prompt_len)] for i in slots]
+    logits = runner.prefill(slots, prompts, [None] * batch)
+    tokens = logits.argmax(-1).tolist()
+    runner.decode(slots, tokens)  # warm-up
+    started = time.perf_counter()
+    for _ in range(steps):
+        tokens = runner.decode(slots, tokens).argmax(-1).tolist()
+    elapsed = time.perf_counter() - started
+    runner.free(slots)
+    return batch * steps / elapsed
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16, help="sequences decoded together")
+    parser.add_argument("--steps", type=int, default=32, help="timed decode steps")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in-process and per actor")
+    options = parser.parse_args()
+    torch.set_num_threads(options.threads)
+
+    torch.manual_seed(0)
+    model = Jamba(JambaArgs.from_preset("bench")).eval()
+    path = tempfile.mkdtemp()
+    model.save_pretrained(path)
+    max_len = 16 + options.steps + 2
+
+    rows = [("(a) in-process", decode_rate(LocalRunner(model, options.batch, max_len), options.batch, options.steps),
+             None)]
+    ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level="ERROR", log_to_driver=False)
+    for label, transport in (("(b) replica, Ray call per hand-off", "ray"),
+                             ("(c) replica, gloo group", "collective")):
+        replica = RayReplica(path, options.batch, max_len, transport=transport, threads_per_actor=options.threads)
+        rate = decode_rate(replica, options.batch, options.steps)
+        stats = ray.get([g.take_dispatch_stats.remote() for g in replica.groups])
+        seconds, calls = sum(s for s, _ in stats), sum(c for _, c in stats)
+        rows.append((label, rate, 1000 * seconds / max(calls, 1)))
+        replica.shutdown()
+    ray.shutdown()
+
+    reference = rows[0][1]
+    print(f"\ndecode at batch {options.batch}, {options.steps} steps, {options.threads} threads per process, "
+          f"torch {torch.__version__}\n")
+    print("| runner | tokens/s | vs in-process | dispatch per MoE layer (ms) |")
+    print("|---|---:|---:|---:|")
+    for label, rate, dispatch_ms in rows:
+        dispatch = "-" if dispatch_ms is None else f"{dispatch_ms:.2f}"
+        print(f"| {label} | {rate:,.0f} | {rate / reference:.2f} | {dispatch} |")
+
+
+if __name__ == "__main__":
+    main()
