@@ -144,9 +144,8 @@ def causal_conv1d_ref(x, weight, bias=None):
 
 def causal_conv1d_step(conv_state, x, weight, bias=None):
     """Shift x (B, I) into conv_state (B, I, W), in place, and return SiLU(conv) for that token (B, I)."""
-    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-    conv_state[:, :, -1] = x
-    out = torch.sum(conv_state * weight, dim=-1)
+    conv_state.copy_(torch.cat([conv_state[:, :, 1:], x[:, :, None]], dim=-1))
+    out = torch.einsum("biw,iw->bi", conv_state, weight)
     if bias is not None:
         out = out + bias
     return F.silu(out)

@@ -16,8 +16,9 @@ ingress binds the host it is given, serves exactly what the single-process serve
 client's deadline on to the engine. Serve still routes, load-balances and autoscales the model replicas, because
 the ingress calls them through a handle.
 
-Environment: JAMBA_MODEL_DIR overrides the `model` argument (KubeRay mounts the weights from a volume there), and
-JAMBA_SERVE_TOKEN sets the bearer token the ingress requires.
+Environment: JAMBA_MODEL_DIR overrides the `model` argument (KubeRay mounts the weights from a volume there),
+JAMBA_SERVE_HOST the ingress's `host` (0.0.0.0 in a pod, so that the Service reaches it), and JAMBA_SERVE_TOKEN sets
+the bearer token the ingress requires.
 """
 
 import asyncio
@@ -158,7 +159,8 @@ class RemoteEngine:
                 self._idle.set()
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+# A CPU request above zero keeps the ingress off a KubeRay head that offers Ray no CPUs, and so inside the Service.
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1})
 class GrpcIngress:
     """The gRPC front: the server of `serve/server.py` on host:port, forwarding to `JambaDeployment`."""
 
@@ -166,6 +168,7 @@ class GrpcIngress:
                      grace_period_s: float = 30.0):
         from serve.server import create_server
 
+        host = os.environ.get("JAMBA_SERVE_HOST") or host
         info = await model_handle.info.remote()
         engine = RemoteEngine(model_handle, Tokenizer.from_file(_model_dir(model)), info)
         self.server, self.port = create_server(f"{host}:{port}", engine, token=os.environ.get("JAMBA_SERVE_TOKEN"))

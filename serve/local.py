@@ -56,8 +56,10 @@ def main(argv=None) -> None:
     args = yaml.safe_load(options.config.read_text())["applications"][0]["args"]
     target = f"{args.get('host', '127.0.0.1')}:{args.get('port', 9000)}"
     # Actor logs stay in the session directory (/tmp/ray/session_latest/logs) instead of flooding the terminal.
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
-             log_to_driver=False)
+    # Ray counts CPUs logically: 4 leave room for the ingress and two model replicas (1 CPU each, see the config)
+    # on any machine, so that autoscaling can add the second one.
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+             _node_ip_address="127.0.0.1", logging_level="WARNING", log_to_driver=False)
     try:
         serve_run.main([str(options.config), "--non-blocking"], standalone_mode=False)
         wait_until_serving(target, options.timeout)

@@ -1,0 +1,119 @@
+"""Benchmark the gRPC service: 32 concurrent streams against one request at a time, over loopback.
+
+Prints total tokens/s, time to first token (TTFT) and time per output token (TPOT) at p50/p99 for both, and, as
+the reference measured in the same run, transformers' `JambaForCausalLM.generate` decoding at batch 1 on the same
+weights. The model is the `bench` preset (vocab 4096, hidden 256, 8 layers, MoE every other layer) with random
+weights; prompts are token ids, and every request generates exactly --new-tokens tokens.
+
+    python bench/serve.py [--streams 32] [--new-tokens 64] [--threads 2]
+"""
+
+import argparse
+import asyncio
+import logging
+import statistics
+import tempfile
+import time
+
+import grpc
+import torch
+
+from jamba.model import Jamba, JambaArgs
+from jamba.tokenizer import Tokenizer, train_tokenizer
+from serve.engine import Engine, EngineConfig
+from serve.proto.jamba.v1 import jamba_pb2, jamba_pb2_grpc
+from serve.runner import LocalRunner
+from serve.server import create_server
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q / 100 * len(values)))]
+
+
+async def one_stream(stub, prompt, new_tokens):
+    """Run one GenerateStream; return (ttft_s, tpot_s, tokens)."""
+    request = jamba_pb2.GenerateRequest(token_ids=jamba_pb2.TokenIds(ids=prompt), sampling=jamba_pb2.SamplingParams(
+        max_new_tokens=new_tokens, temperature=1.0, seed=len(prompt)))
+    started = time.perf_counter()
+    first, count = None, 0
+    async for message in stub.GenerateStream(request):
+        if message.token_ids and first is None:
+            first = time.perf_counter()
+        count += len(message.token_ids)
+    done = time.perf_counter()
+    return first - started, (done - first) / max(count - 1, 1), count
+
+
+async def run_load(port, prompts, new_tokens, concurrency):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = jamba_pb2_grpc.JambaServiceStub(channel)
+        started = time.perf_counter()
+        if concurrency == 1:
+            results = [await one_stream(stub, p, new_tokens) for p in prompts]
+        else:
+            results = await asyncio.gather(*(one_stream(stub, p, new_tokens) for p in prompts))
+        elapsed = time.perf_counter() - started
+    tokens = sum(r[2] for r in results)
+    return tokens / elapsed, [r[0] for r in results], [r[1] for r in results]
+
+
+def transformers_batch1(path, prompt, new_tokens) -> float:
+    from transformers import JambaForCausalLM
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    model = JambaForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor([prompt])
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                  do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, **kwargs)
+        started = time.perf_counter()
+        model.generate(ids, **kwargs)
+    return new_tokens / (time.perf_counter() - started)
+
+
+async def main_async(options):
+    torch.manual_seed(0)
+    model = Jamba(JambaArgs.from_preset("bench")).eval()
+    path = tempfile.mkdtemp()
+    model.save_pretrained(path)
+    text = [f"{a}+{b}={a + b} and some plain words to merge" for a in range(200) for b in range(0, 200, 7)]
+    tokenizer = Tokenizer(train_tokenizer(text, vocab_size=1024))
+    prompts = [[3 + (17 * i + j) % 1000 for j in range(16)] for i in range(options.streams)]
+
+    engine = Engine(LocalRunner(model, num_slots=options.streams, max_len=16 + options.new_tokens + 1), tokenizer,
+                    EngineConfig(max_queue_size=options.streams))
+    server, port = create_server("127.0.0.1:0", engine)
+    await server.start()
+    await run_load(port, prompts[:2], 4, 1)  # warm-up
+    sequential = await run_load(port, prompts[: max(2, options.streams // 8)], options.new_tokens, 1)
+    concurrent = await run_load(port, prompts, options.new_tokens, options.streams)
+    await server.stop(1.0)
+    reference = transformers_batch1(path, prompts[0], options.new_tokens)
+
+    print(f"\n{options.streams} streams x {options.new_tokens} new tokens, 16-token prompts, "
+          f"{options.threads} threads, torch {torch.__version__}\n")
+    print("| load | tokens/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) |")
+    print("|---|---:|---:|---:|")
+    for name, (rate, ttft, tpot) in (("one request at a time", sequential),
+                                     (f"{options.streams} concurrent streams", concurrent)):
+        print(f"| {name} | {rate:,.0f} | {1000 * percentile(ttft, 50):.1f} / {1000 * percentile(ttft, 99):.1f} | "
+              f"{1000 * percentile(tpot, 50):.1f} / {1000 * percentile(tpot, 99):.1f} |")
+    print(f"| transformers generate, batch 1 | {reference:,.0f} | - | - |")
+    print(f"\nconcurrent streams vs transformers batch 1: {concurrent[0] / reference:.1f}x; "
+          f"vs one request at a time: {concurrent[0] / sequential[0]:.1f}x")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, default=32, help="concurrent GenerateStream calls")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens each request generates")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    options = parser.parse_args()
+    torch.set_num_threads(options.threads)
+    asyncio.run(main_async(options))
+
+
+if __name__ == "__main__":
+    main()
