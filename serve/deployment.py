@@ -17,8 +17,9 @@ client's deadline on to the engine. Serve still routes, load-balances and autosc
 the ingress calls them through a handle.
 
 Environment: JAMBA_MODEL_DIR overrides the `model` argument (KubeRay mounts the weights from a volume there),
-JAMBA_SERVE_HOST the ingress's `host` (0.0.0.0 in a pod, so that the Service reaches it), and JAMBA_SERVE_TOKEN sets
-the bearer token the ingress requires.
+JAMBA_ADAPTERS_DIR the `adapters` directory (LoRA adapters in `<dir>/<name>/`, served by in-process replicas,
+`layer_groups: 0`), JAMBA_SERVE_HOST the ingress's `host` (0.0.0.0 in a pod, so that the Service reaches it), and
+JAMBA_SERVE_TOKEN the bearer token the ingress requires.
 """
 
 import asyncio
@@ -60,17 +61,25 @@ class JambaDeployment:
 
     def __init__(self, model: str | None = None, layer_groups: int = 2, expert_shards: int = 2, slots: int = 16,
                  max_len: int = 512, transport: str = "collective", queue_size: int = 64,
-                 cpus_per_actor: float = 1.0, threads_per_actor: int | None = None):
+                 cpus_per_actor: float = 1.0, threads_per_actor: int | None = None, adapters: str | None = None):
         from cluster.replica import RayReplica
         from serve.runner import LocalRunner
 
         model_dir = _model_dir(model)
+        adapters_dir = os.environ.get("JAMBA_ADAPTERS_DIR") or adapters
+        if adapters_dir and not any(Path(adapters_dir).glob("*/adapter_config.json")):
+            log.warning("no adapter in %s yet: serving the base model only", adapters_dir)
+            adapters_dir = None
         if layer_groups == 0:
             from jamba.model import Jamba
 
             runner = LocalRunner(Jamba.from_pretrained(model_dir), num_slots=slots, max_len=max_len,
-                                 name=model_dir.name)
+                                 name=model_dir.name, adapters_dir=adapters_dir)
         else:
+            if adapters_dir:
+                raise NotImplementedError(
+                    f"adapters ({adapters_dir}) are served by in-process replicas only: set layer_groups: 0, or "
+                    "merge the adapter into a checkpoint with `python -m finetune.merge` and serve that")
             runner = RayReplica(model_dir, num_slots=slots, max_len=max_len, layer_groups=layer_groups,
                                 expert_shards=expert_shards, transport=transport, cpus_per_actor=cpus_per_actor,
                                 threads_per_actor=threads_per_actor, name=model_dir.name)
@@ -184,7 +193,7 @@ class GrpcIngress:
 
 
 _MODEL_ARGS = {"model", "layer_groups", "expert_shards", "slots", "max_len", "transport", "queue_size",
-               "cpus_per_actor", "threads_per_actor"}
+               "cpus_per_actor", "threads_per_actor", "adapters"}
 _INGRESS_ARGS = {"host", "port", "grace_period_s"}
 
 

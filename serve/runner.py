@@ -101,12 +101,12 @@ def slots_for_memory(model, max_len: int, memory_budget_bytes: int) -> int:
 
 
 class LocalRunner:
-    """A runner over a `jamba.model.Jamba` in this process.
+    """A runner over a `jamba.model.Jamba` in this process, with the LoRA adapters of `adapters_dir` if given.
 
-    Limitations: serves the base model only (no adapters).
+    Each slot keeps the adapter its request named at prefill for all its decode steps; a batch can mix adapters.
     """
 
-    def __init__(self, model, num_slots: int, max_len: int, name: str = "jamba") -> None:
+    def __init__(self, model, num_slots: int, max_len: int, name: str = "jamba", adapters_dir=None) -> None:
         if num_slots < 1:
             raise ValueError(f"num_slots must be at least 1, got {num_slots}")
         if max_len < 2:
@@ -120,13 +120,28 @@ class LocalRunner:
         # Padded positions are masked out, so any id would do. The model's pad id has an all-zero embedding row.
         self.pad_id = model.args.pad_token_id or 0
         self.adapters: tuple[str, ...] = ()
+        self.forward_model = model
+        if adapters_dir is not None:
+            from serve.adapters import load_adapters
+
+            self.forward_model, self.adapters = load_adapters(model, adapters_dir)
+        self.slot_adapters: list[str | None] = [None] * num_slots
         self.device = next(model.parameters()).device
         num_moe_layers = sum(1 for kind in model.args.layer_schedule() if kind.has_experts)
         self._expert_load = torch.zeros(num_moe_layers, model.args.num_experts, dtype=torch.long)
         logger.info(
-            "local runner: %s slots of %s tokens, %s bytes of cache per slot, on %s",
-            num_slots, max_len, self.cache.bytes_per_slot(), self.device,
+            "local runner: %s slots of %s tokens, %s bytes of cache per slot, on %s, adapters %s",
+            num_slots, max_len, self.cache.bytes_per_slot(), self.device, list(self.adapters),
         )
+
+    def _forward(self, batch_slots: Sequence[int], **kwargs):
+        """Run the model on a batch whose rows belong to `batch_slots`, each with its slot's adapter."""
+        if not self.adapters:
+            return self.model(**kwargs)
+        from serve.adapters import adapter_rows
+
+        rows = adapter_rows([self.slot_adapters[s] for s in batch_slots])
+        return self.forward_model(adapter_names=rows, **kwargs)
 
     @torch.inference_mode()
     def prefill(
@@ -134,14 +149,18 @@ class LocalRunner:
     ) -> torch.Tensor:
         if len(slots) != len(prompts) or len(slots) != len(adapters):
             raise ValueError(f"got {len(slots)} slots, {len(prompts)} prompts and {len(adapters)} adapters")
-        if any(adapter is not None for adapter in adapters):
-            raise NotImplementedError("LocalRunner does not support adapters yet, so it serves the base model only")
+        unknown = sorted({a for a in adapters if a is not None and a not in self.adapters})
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}; this runner has {list(self.adapters)}")
+        for slot, adapter in zip(slots, adapters):
+            self.slot_adapters[slot] = adapter
 
         # Left padding lines up the last prompt tokens, so position -1 contains every row's next-token logits.
         input_ids, attention_mask = left_pad([list(prompt) for prompt in prompts], self.pad_id)
 
-        out = self.model(
-            input_ids.to(self.device),
+        out = self._forward(
+            slots,
+            input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             cache=self.cache,
             slots=torch.tensor(slots, dtype=torch.long, device=self.device),
@@ -155,8 +174,8 @@ class LocalRunner:
         if len(slots) != len(tokens):
             raise ValueError(f"got {len(slots)} slots and {len(tokens)} tokens")
         input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
-        out = self.model(
-            input_ids, cache=self.cache, slots=torch.tensor(slots, dtype=torch.long, device=self.device),
+        out = self._forward(
+            slots, input_ids=input_ids, cache=self.cache, slots=torch.tensor(slots, dtype=torch.long, device=self.device),
             logits_to_keep=1,
         )
         self._count_experts(out.router_logits, None)
@@ -164,6 +183,8 @@ class LocalRunner:
 
     def free(self, slots: Sequence[int]) -> None:
         self.cache.free(list(slots))
+        for slot in slots:
+            self.slot_adapters[slot] = None
 
     def take_expert_load(self) -> torch.Tensor:
         load, self._expert_load = self._expert_load, torch.zeros_like(self._expert_load)

@@ -264,6 +264,7 @@ def load_engine(
     config: EngineConfig = EngineConfig(),
     metrics: Metrics | None = None,
     device: str = "cpu",
+    adapters_dir: Path | None = None,
 ) -> Engine:
     """Load a checkpoint directory (config.json, weights, tokenizer.json) into an Engine over a LocalRunner.
 
@@ -276,7 +277,8 @@ def load_engine(
     if num_slots is None:
         num_slots = slots_for_memory(model, max_len, memory_budget_bytes)
     logger.info("loaded %s on %s with %s threads", model_dir, device, torch.get_num_threads())
-    runner = LocalRunner(model, num_slots=num_slots, max_len=max_len, name=Path(model_dir).name)
+    runner = LocalRunner(model, num_slots=num_slots, max_len=max_len, name=Path(model_dir).name,
+                         adapters_dir=adapters_dir)
     return Engine(runner, tokenizer, config, metrics)
 
 
@@ -306,6 +308,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device of the model (default: %(default)s)")
+    parser.add_argument("--adapters", type=Path, default=os.environ.get("JAMBA_ADAPTERS_DIR"),
+                        help="directory of LoRA adapters, one peft adapter folder per name; requests pick one by "
+                             "name (default: $JAMBA_ADAPTERS_DIR, else none)")
     slots = parser.add_mutually_exclusive_group()
     slots.add_argument("--slots", type=int, help="cache slots, the number of requests generating at once (default: 8)")
     slots.add_argument("--memory-budget", type=parse_bytes,
@@ -360,7 +365,7 @@ async def _serve(args: argparse.Namespace) -> None:
     try:
         engine = load_engine(
             args.model, max_len=args.max_len, num_slots=args.slots, memory_budget_bytes=args.memory_budget,
-            config=config, metrics=metrics, device=args.device,
+            config=config, metrics=metrics, device=args.device, adapters_dir=args.adapters,
         )
     except ValueError as error:
         raise SystemExit(f"jamba-serve: {error}") from None

@@ -40,9 +40,9 @@ def test_local_runner_matches_generate(tiny_model, tokenizer):
     assert int(runner.take_expert_load().sum()) == 0
 
 
-def test_local_runner_rejects_adapters(tiny_model):
+def test_local_runner_rejects_unknown_adapter(tiny_model):
     runner = LocalRunner(tiny_model, num_slots=1, max_len=8)
-    with pytest.raises(NotImplementedError, match="adapters"):
+    with pytest.raises(ValueError, match=r"unknown adapters \['math'\]; this runner has \[\]"):
         runner.prefill([0], [[1, 2]], ["math"])
     assert torch.equal(runner.cache.lengths, torch.zeros(1, dtype=torch.long))
 
