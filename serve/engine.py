@@ -376,7 +376,9 @@ class Engine:
         if tuple(logits.shape) != expected:
             raise RuntimeError(f"the runner returned logits of shape {tuple(logits.shape)}, expected {expected}")
         if self.tokenizer.vocab_size < logits.shape[1]:
-            # Rows beyond the tokenizer's vocabulary (a model vocabulary padded for speed) have no text.
+            # Rows beyond the tokenizer's vocabulary (a model vocabulary padded for speed) have no text. A copy,
+            # because a runner may return tensors made under torch.inference_mode, which cannot change in place.
+            logits = logits.clone()
             logits[:, self.tokenizer.vocab_size:] = float("-inf")
         tokens = sample(logits, [seq.params for seq in batch], [seq.generator for seq in batch])
         load = self.runner.take_expert_load()
