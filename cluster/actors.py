@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StepInput:
-    """What every actor of the replica needs to know about one step; small, so it travels as a Ray argument."""
+    """The inputs of one step that every actor of the replica receives, small enough to travel as a Ray argument."""
 
     input_ids: torch.Tensor  # (B, L) long
     attention_mask: torch.Tensor | None  # (B, L), prefill with padding only

@@ -47,7 +47,7 @@ def _model_dir(model: str | None) -> Path:
 
 @dataclass(frozen=True)
 class ReplicaInfo:
-    """What the ingress needs to validate requests and answer GetModelInfo without asking each time."""
+    """The model facts the ingress validates requests against and reports in GetModelInfo, fetched once."""
 
     summary: ModelSummary
     limits: Limits
