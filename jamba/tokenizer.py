@@ -12,9 +12,9 @@ Train a vocabulary from text files, one document per line:
 
     python -m jamba.tokenizer train --input corpus.txt --vocab-size 65536 --output path/to/dir
 
-Limitations: `StreamDecoder` handles byte-level vocabularies only (the kind `train_tokenizer` builds);
-tokenizers with a SentencePiece-style byte fallback, such as the one shipped with the released Jamba
-checkpoints, are refused with `NotImplementedError`. Special-token text inside the input of `encode`
+Limitations: `StreamDecoder` is exact and cheap for byte-level vocabularies (the kind `train_tokenizer` builds);
+for others, such as the SentencePiece-style byte fallback of the released Jamba checkpoints, it decodes the whole
+sequence at every token. Special-token text inside the input of `encode`
 is matched as the special token, as in `tokenizers`.
 """
 
@@ -263,24 +263,46 @@ class StreamDecoder:
     A byte-level token can end in the middle of a multi-byte UTF-8 character, so its bytes are held until
     the character completes. Joining every `push` result and the final `flush` gives the text `decode` returns
     for the whole sequence.
+
+    Other tokenizers (the SentencePiece-style byte fallback of the released Jamba checkpoints) have no bytes per
+    token, so for them each `push` decodes all ids so far and returns the new text, holding back a trailing
+    U+FFFD that later ids may complete. That costs one decode of the sequence per token.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
-        self._token_bytes = tokenizer.token_bytes()
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._vocab_size = tokenizer.vocab_size
+        try:
+            self._token_bytes = tokenizer.token_bytes()
+        except NotImplementedError:
+            self._token_bytes = None
+            self._ids: list[int] = []
+            self._sent = 0  # characters of the decoded text already returned
         self._skipped = tokenizer.special_ids() if skip_special_tokens else frozenset()
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
         """Add one id and return the text it completes, which may be empty."""
-        if not 0 <= token_id < len(self._token_bytes):
-            raise ValueError(f"token id {token_id} is out of range [0, {len(self._token_bytes)})")
+        if not 0 <= token_id < self._vocab_size:
+            raise ValueError(f"token id {token_id} is out of range [0, {self._vocab_size})")
         if token_id in self._skipped:
             return ""
-        return self._utf8.decode(self._token_bytes[token_id])
+        if self._token_bytes is not None:
+            return self._utf8.decode(self._token_bytes[token_id])
+        self._ids.append(token_id)
+        text = self._tokenizer.decode(self._ids, skip_special_tokens=self._skip_special_tokens)
+        end = len(text) - 1 if text.endswith("\ufffd") else len(text)
+        new, self._sent = text[self._sent:end], max(self._sent, end)
+        return new
 
     def flush(self) -> str:
-        """End the stream and return the held bytes of an incomplete character as U+FFFD."""
-        return self._utf8.decode(b"", final=True)
+        """End the stream and return what is still held, an incomplete character as U+FFFD."""
+        if self._token_bytes is not None:
+            return self._utf8.decode(b"", final=True)
+        text = self._tokenizer.decode(self._ids, skip_special_tokens=self._skip_special_tokens)
+        rest, self._sent = text[self._sent:], len(text)
+        return rest
 
 
 def _read_documents(paths: Sequence[str]) -> Iterator[str]:

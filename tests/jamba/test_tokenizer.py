@@ -198,10 +198,32 @@ def test_train_rejects_a_single_string():
         train_tokenizer("one long document")
 
 
-def test_stream_decoder_rejects_non_byte_level():
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
-    with pytest.raises(NotImplementedError, match="ByteLevel decoder"):
-        StreamDecoder(Tokenizer(backend))
+def byte_fallback_tokenizer() -> Tokenizer:
+    """A tokenizer built like the released Jamba ones: SentencePiece pieces, bytes for anything else."""
+    pieces = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", *[f"<0x{b:02X}>" for b in range(256)],
+              "\u2581", "\u2581hello", "\u2581world", "h", "e", "l", "o", "w", "r", "d"]
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE({p: i for i, p in enumerate(pieces)}, [],
+                                                         byte_fallback=True))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    backend.decoder = tokenizers.decoders.Sequence([
+        tokenizers.decoders.Replace("\u2581", " "), tokenizers.decoders.ByteFallback(), tokenizers.decoders.Fuse(),
+        tokenizers.decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens(pieces[:3])
+    return Tokenizer(backend)
+
+
+def test_stream_decoder_on_byte_fallback_tokenizer():
+    tok = byte_fallback_tokenizer()
+    text = "hello world, h\u00e9llo w\u00f6rld"
+    ids = tok.encode(text)
+    stream = StreamDecoder(tok)
+
+    pieces = [stream.push(i) for i in ids]
+    pieces.append(stream.flush())
+
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert any(tok.backend.id_to_token(i).startswith("<0x") for i in ids)
 
 
 def test_cli_trains_and_saves(tmp_path):
