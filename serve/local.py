@@ -1,6 +1,6 @@
 """Run the Ray Serve application on a local Ray cluster and answer a first question: what `make run` does.
 
-    python -m serve.local [--config serve/serve_config.yaml] [--prompt "305+298="]
+    python -m serve.local [--config serve/serve_config.yaml] [--prompt "123+456="]
 
 It starts Ray on this machine with every listener on 127.0.0.1, deploys the Serve config with `serve run`'s own
 code, waits until the gRPC health check reports SERVING, sends the prompt with Generate and prints the answer, then
@@ -40,7 +40,7 @@ def wait_until_serving(target: str, timeout_s: float) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=CONFIG, help="Ray Serve config file")
-    parser.add_argument("--prompt", default="305+298=", help="question sent once the service is up")
+    parser.add_argument("--prompt", default="382+519=", help="question sent once the service is up")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for the service to start")
     parser.add_argument("--exit", action="store_true", help="stop after the first answer instead of serving on")
     options = parser.parse_args(argv)
