@@ -429,10 +429,12 @@ def run_experts(modules, expert_ids, x, weights, experts):
     expert shards, so that both do the same arithmetic.
     """
     out = torch.zeros_like(x)
+    routed = set(experts.unique().tolist())  # in a decode step most experts get no token
     for module, expert in zip(modules, expert_ids):
+        if expert not in routed:
+            continue
         token, slot = torch.where(experts == expert)
-        if token.numel():
-            out.index_add_(0, token, module(x[token]) * weights[token, slot, None])
+        out.index_add_(0, token, module(x[token]) * weights[token, slot, None])
     return out
 
 
