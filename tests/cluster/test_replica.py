@@ -1,6 +1,7 @@
 """A replica of 2 layer groups and 2 expert shards against the in-process model."""
 
 import asyncio
+import os
 import subprocess
 import time
 
@@ -76,11 +77,12 @@ def test_plan_actors_load_only_their_tensors(replica, tiny_checkpoint):
 
 
 def test_listeners_stay_on_loopback(replica):
-    """Ray's processes and the replica's actors (and their torch.distributed sockets) listen on 127.0.0.1 only."""
+    """The replica's actors, and their torch.distributed sockets, listen on 127.0.0.1 only."""
     replica.prefill([0], [[5, 6]], [None])
     replica.free([0])
+    pids = ray.get([actor.__ray_call__.remote(lambda _: os.getpid()) for actor in replica._actors])
     lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
-    ours = [line for line in lines if "ray" in line or "gcs_server" in line]
+    ours = [line for line in lines if any(f"pid={pid}," in line for pid in pids)]
     exposed = [line for line in ours if not line.split()[3].startswith(("127.", "[::1]", "[::ffff:127."))]
     assert ours
     assert not exposed, f"listening beyond loopback: {exposed}"

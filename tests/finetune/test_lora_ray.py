@@ -29,7 +29,6 @@ def local_ray(tmp_path_factory):
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     patch = pytest.MonkeyPatch()
     patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # makes Ray use 127.0.0.1 as the node address
-    patch.setenv("RAY_AUTH_MODE", "disabled")
     patch.delenv("RAY_ADDRESS", raising=False)
     # The controller collects reports when it polls the workers; a report made less than one poll before a crash
     # is lost. A short poll (default 2 s) and the pause in kill_once keep the test fast and the outcome certain.

@@ -5,13 +5,12 @@ the reference measured in the same run, transformers' `JambaForCausalLM.generate
 weights. The model is the `bench` preset (vocab 4096, hidden 256, 8 layers, MoE every other layer) with random
 weights; prompts are token ids, and every request generates exactly --new-tokens tokens.
 
-    python bench/serve.py [--streams 32] [--new-tokens 64] [--threads 2]
+    python bench/grpc_service.py [--streams 32] [--new-tokens 64] [--threads 2]
 """
 
 import argparse
 import asyncio
 import logging
-import statistics
 import tempfile
 import time
 
@@ -81,6 +80,8 @@ async def main_async(options):
     text = [f"{a}+{b}={a + b} and some plain words to merge" for a in range(200) for b in range(0, 200, 7)]
     tokenizer = Tokenizer(train_tokenizer(text, vocab_size=1024))
     prompts = [[3 + (17 * i + j) % 1000 for j in range(16)] for i in range(options.streams)]
+    # The reference runs first, before the server's threads exist, so that nothing else competes with it.
+    reference = transformers_batch1(path, prompts[0], options.new_tokens)
 
     engine = Engine(LocalRunner(model, num_slots=options.streams, max_len=16 + options.new_tokens + 1), tokenizer,
                     EngineConfig(max_queue_size=options.streams))
@@ -90,7 +91,6 @@ async def main_async(options):
     sequential = await run_load(port, prompts[: max(2, options.streams // 8)], options.new_tokens, 1)
     concurrent = await run_load(port, prompts, options.new_tokens, options.streams)
     await server.stop(1.0)
-    reference = transformers_batch1(path, prompts[0], options.new_tokens)
 
     print(f"\n{options.streams} streams x {options.new_tokens} new tokens, 16-token prompts, "
           f"{options.threads} threads, torch {torch.__version__}\n")
