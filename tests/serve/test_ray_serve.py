@@ -74,7 +74,7 @@ def test_generate_through_serve_matches_in_process(serve_instance, tokenizer):
 
 def test_cancelled_streams_and_deadlines_free_the_slots(serve_instance):
     path, _ = serve_instance
-    args = app_args(path, slots=4)
+    args = app_args(path, slots=4, max_len=512)
     serve.run(build_app(args), name="jamba", route_prefix=None)
     model = serve.get_deployment_handle("JambaDeployment", app_name="jamba")
     request = jamba_pb2.GenerateRequest(text="7+8=", sampling=jamba_pb2.SamplingParams(max_new_tokens=60))
@@ -86,8 +86,11 @@ def test_cancelled_streams_and_deadlines_free_the_slots(serve_instance):
             for stream in streams:
                 next(stream)
                 stream.cancel()
+        # 400 tokens take seconds even on a fast machine, so the deadline always comes first.
+        long_request = jamba_pb2.GenerateRequest(text="7+8=",
+                                                 sampling=jamba_pb2.SamplingParams(max_new_tokens=400))
         with pytest.raises(grpc.RpcError) as late:
-            stub.Generate(request, timeout=0.3)
+            stub.Generate(long_request, timeout=0.5)
 
     deadline = time.monotonic() + 10
     stats = model.stats.remote().result()
