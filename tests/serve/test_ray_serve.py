@@ -72,8 +72,17 @@ def test_generate_through_serve_matches_in_process(serve_instance, tokenizer):
     assert "top_p" in bad.value.details()
 
 
-def test_cancelled_streams_and_deadlines_free_the_slots(serve_instance):
-    path, _ = serve_instance
+def prompt_without_eos(torch_model, tokenizer, new_tokens):
+    """A prompt whose greedy continuation runs new_tokens tokens without end-of-sequence, so it takes long."""
+    for text in ["7+8=", "12+34=", "hello", "the quick", "stream", "100-1=", "world", "9"]:
+        prompt = tokenizer.encode_prompt(text)
+        if generate(torch_model, [prompt], new_tokens, eos_id=tokenizer.eos_id)[0].finish_reason == "length":
+            return text
+    pytest.fail("every candidate prompt ends early, so no request is sure to outlast the deadline")
+
+
+def test_cancelled_streams_and_deadlines_free_the_slots(serve_instance, tokenizer):
+    path, torch_model = serve_instance
     args = app_args(path, slots=4, max_len=512)
     serve.run(build_app(args), name="jamba", route_prefix=None)
     model = serve.get_deployment_handle("JambaDeployment", app_name="jamba")
@@ -86,8 +95,8 @@ def test_cancelled_streams_and_deadlines_free_the_slots(serve_instance):
             for stream in streams:
                 next(stream)
                 stream.cancel()
-        # 400 tokens take seconds even on a fast machine, so the deadline always comes first.
-        long_request = jamba_pb2.GenerateRequest(text="7+8=",
+        # 400 tokens without end-of-sequence take seconds even on a fast machine, so the deadline comes first.
+        long_request = jamba_pb2.GenerateRequest(text=prompt_without_eos(torch_model, tokenizer, 400),
                                                  sampling=jamba_pb2.SamplingParams(max_new_tokens=400))
         with pytest.raises(grpc.RpcError) as late:
             stub.Generate(long_request, timeout=0.5)
