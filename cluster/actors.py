@@ -16,7 +16,6 @@ Legend: B batch, L sequence, D hidden size, T tokens in the step (B*L), K expert
 
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,6 +27,7 @@ from accelerate import init_empty_weights
 
 from cluster.plan import ExpertShardSpec, LayerGroupSpec, ReplicaPlan
 from jamba.checkpoint import CheckpointReader, fill_module, load_args
+from jamba.distributed import bound_store, client_store
 from jamba.model import (MLP, HybridCache, JambaLayer, Masks, RMSNorm, build_masks, close_cache_view,
                          open_cache_view, run_experts)
 
@@ -300,20 +300,11 @@ class ExpertShard:
 
 
 def open_store(world_size: int, timeout_s: float):
-    """Start the torch.distributed key-value store on this node's Ray address; return (store, address, port).
-
-    The listening socket is bound here, to the address Ray uses, because TCPStore alone listens on every
-    interface.
-    """
+    """Start the torch.distributed store on this node's Ray address; return (store, address, port)."""
     import ray
 
     address = ray.util.get_node_ip_address()
-    listener = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
-    listener.bind((address, 0))
-    listener.listen(world_size * 2)
-    port = listener.getsockname()[1]
-    store = dist.TCPStore(address, port, world_size, True, timedelta(seconds=timeout_s), wait_for_workers=False,
-                          master_listen_fd=listener.detach(), use_libuv=False)
+    store, port = bound_store(address, world_size, timeout_s)
     return store, address, port
 
 
@@ -322,7 +313,7 @@ def _init_process_group(rank, world_size, address, port, timeout_s, device, stor
         # gloo otherwise binds the interface of the host name, which need not be loopback.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if store is None:
-        store = dist.TCPStore(address, port, world_size, False, timedelta(seconds=timeout_s), use_libuv=False)
+        store = client_store(address, port, world_size, timeout_s)
     backend = "nccl" if device == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))

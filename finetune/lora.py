@@ -395,6 +395,8 @@ def run(job: LoraJob, before_step: StepHook | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from finetune.ray_backend import BoundStoreTorchConfig
+
     output = Path(job.output_dir)
     if not isinstance(job.data, ray.ObjectRef):
         job = replace(job, data=ray.put(job.data))
@@ -402,6 +404,7 @@ def run(job: LoraJob, before_step: StepHook | None = None):
     trainer = TorchTrainer(
         partial(train_worker, job, before_step=before_step),
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu, resources_per_worker=resources),
+        torch_config=BoundStoreTorchConfig(),
         run_config=RunConfig(
             name=RUN_NAME,
             storage_path=str(output / RAY_STORAGE),

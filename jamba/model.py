@@ -12,7 +12,7 @@ Mamba layer; padding is zeroed before and after the Mamba conv; attention has no
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 

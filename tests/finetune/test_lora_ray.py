@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -50,6 +51,27 @@ def kill_once(marker: str, rank_to_kill: int, at_step: int):
             time.sleep(4 * POLL_S)
             os._exit(1)
     return hook
+
+
+def record_listeners(path: str):
+    """A before_step hook: at step 1, rank 0 writes every TCP listener of its own process to `path`."""
+    def hook(step: int, rank: int) -> None:
+        if rank == 0 and step == 1:
+            lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
+            mine = [line for line in lines if f"pid={os.getpid()}," in line]
+            with open(path, "w") as f:
+                f.write("\n".join(mine))
+    return hook
+
+
+def test_rendezvous_listens_on_loopback_only(local_ray, tmp_path):
+    listeners = tmp_path / "listeners.txt"
+    lora.run(plan_job(tmp_path), before_step=record_listeners(str(listeners)))
+
+    lines = [line for line in listeners.read_text().splitlines() if line.strip()]
+    exposed = [line for line in lines if not line.split()[3].startswith(("127.", "[::1]", "[::ffff:127."))]
+    assert lines, "rank 0 holds the process group's store, so it listens on at least one port"
+    assert not exposed, f"listening beyond loopback: {exposed}"
 
 
 def plan_job(tmp_path, *extra):
