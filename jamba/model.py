@@ -225,7 +225,7 @@ class HybridCache:
 
 
 class CacheView(NamedTuple):
-    """What one forward pass reads and writes: the cache, the slot of each batch row, and the step kind."""
+    """The cache state one forward pass reads and writes: the cache, the slot of each batch row, the step kind."""
 
     cache: HybridCache
     slots: torch.Tensor  # (B,) long, on CPU

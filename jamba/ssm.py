@@ -164,6 +164,8 @@ class ScanKernels:
 
 def _cuda_kernels() -> ScanKernels:
     """Wrap mamba-ssm's and causal-conv1d's CUDA kernels; raises ImportError when they cannot be imported."""
+    # NOTE: written against mamba-ssm 2.x and causal-conv1d 1.x signatures but not yet run on a GPU;
+    # tests/jamba/test_ssm.py::test_cuda_kernels_match_reference is the check to run first.
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
     from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
