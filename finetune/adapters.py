@@ -16,11 +16,8 @@ the parameter names of transformers' `JambaForCausalLM`, so a saved adapter dire
 `nn.Linear`. peft's `modules_to_save` trains a full copy of it instead, and that copy is saved in the adapter under
 the router's own name.
 
-Serving: `load_adapters_dir(model, directory)` loads every adapter found in `directory/<name>/` into one
-`PeftModel`. A runner keeps that model and either calls `set_adapter(name)` before a forward pass, or passes
-`adapter_names=[name or BASE_ADAPTER for each row]` to the forward call, which peft applies per row so that one
-batch can mix adapters and the base model. A runner that owns only some layers (a `cluster/` layer group) must wrap
-the same module names, so it builds the LoRA layers from the same `LoraConfig`.
+Serving: `serve/adapters.py` loads every adapter of a directory (`<directory>/<name>/`, as written here) into
+one peft model and applies one adapter per batch row.
 
 Limitations:
 - LoRA on experts (`experts.*`) trains and merges here, but those adapters do not load on transformers 5.x
@@ -37,7 +34,7 @@ import json
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,8 +48,6 @@ logger = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 DEFAULT_ADAPTER = "default"
-# peft's name for "no adapter" in the per-row `adapter_names` of a mixed batch.
-BASE_ADAPTER = "__base__"
 
 # Short target name -> module path below `model.layers.N.`.
 TARGET_PATTERNS: dict[str, str] = {
@@ -229,42 +224,3 @@ def load_adapter(model: Jamba, adapter_dir: str | Path, name: str = DEFAULT_ADAP
     peft_model.peft_config[name].base_model_name_or_path = base_model_path
     load_adapter_weights(peft_model, adapter_dir, name)
     return peft_model.eval()
-
-
-@dataclass
-class AdapterSet:
-    """Adapters loaded into one model: `model` runs any of `names`, chosen per batch or per row."""
-
-    model: PeftModel
-    names: list[str] = field(default_factory=list)
-
-
-def load_adapters_dir(model: Jamba, directory: str | Path) -> AdapterSet:
-    """Load every adapter in `directory/<name>/` into one PeftModel, the adapter named after its folder.
-
-    Folders without `adapter_config.json` are skipped with a warning. Raises ValueError when the directory does not
-    exist or contains no adapter.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ValueError(f"adapters directory {directory} does not exist")
-    folders = sorted(p for p in directory.iterdir() if p.is_dir())
-    for folder in folders:
-        if not (folder / ADAPTER_CONFIG).is_file():
-            logger.warning("skipping %s: no %s in it", folder, ADAPTER_CONFIG)
-    folders = [p for p in folders if (p / ADAPTER_CONFIG).is_file()]
-    if not folders:
-        raise ValueError(f"no adapter in {directory}: expected sub-directories holding {ADAPTER_CONFIG} and "
-                         f"{ADAPTER_WEIGHTS}")
-    for folder in folders:
-        if folder.name == BASE_ADAPTER:
-            raise ValueError(f"adapter folder name {BASE_ADAPTER!r} is reserved for the base model")
-
-    peft_model = load_adapter(model, folders[0], folders[0].name)
-    for folder in folders[1:]:
-        peft_model.add_adapter(folder.name, read_adapter_config(folder))
-        load_adapter_weights(peft_model, folder, folder.name)
-    peft_model.eval()
-    names = [p.name for p in folders]
-    logger.info("loaded %d adapters from %s: %s", len(names), directory, ", ".join(names))
-    return AdapterSet(peft_model, names)

@@ -523,8 +523,8 @@ class Jamba(nn.Module):
             if module.padding_idx is not None:
                 module.weight.data[module.padding_idx].zero_()
         elif isinstance(module, MambaMixer):
-            # Mamba's time-step init: softplus(bias) log-uniform in [1e-3, 1e-1], so that the state neither forgets
-            # everything at once nor never forgets.
+            # Mamba's time-step init: softplus(bias) log-uniform in [1e-3, 1e-1], so that the state neither decays
+            # within one step nor keeps every input forever.
             dt = torch.exp(torch.rand(module.dt_proj.bias.shape) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
             module.dt_proj.bias.data.copy_(dt + torch.log(-torch.expm1(-dt)))
 

@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     parser.add_argument("--config", type=Path, default=CONFIG, help="Ray Serve config file")
     parser.add_argument("--prompt", default="382+519=", help="question sent once the service is up")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for the service to start")
-    parser.add_argument("--exit", action="store_true", help="stop after the first answer instead of serving on")
+    parser.add_argument("--exit", action="store_true", help="stop after the first response instead of serving on")
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

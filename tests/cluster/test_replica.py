@@ -88,7 +88,7 @@ def test_listeners_stay_on_loopback(replica):
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
-def test_dead_expert_shard_fails_the_step_and_replica_recovers(ray_cluster, tiny_checkpoint):
+def test_dead_shard_fails_then_recovers(ray_cluster, tiny_checkpoint):
     path, model = tiny_checkpoint
     replica = RayReplica(path, num_slots=2, max_len=64, transport="collective", threads_per_actor=1,
                          step_timeout_s=30)

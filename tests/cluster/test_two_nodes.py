@@ -1,4 +1,4 @@
-"""A replica spread over a two-node local cluster: actors land where the plan says, and outputs still match."""
+"""A replica spread over a two-node local cluster: actors land on the nodes of the plan, and outputs still match."""
 
 import pytest
 import ray

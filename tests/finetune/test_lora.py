@@ -10,16 +10,15 @@ from safetensors.torch import load_file, save_file
 from finetune import lora, merge
 from finetune.adapters import (
     ADAPTER_WEIGHTS,
-    BASE_ADAPTER,
     LoraSpec,
     apply_lora,
     load_adapter,
-    load_adapters_dir,
     parse_targets,
 )
 from finetune.arith import TaskSpec, corpus_for_tokenizer, generate, write_jsonl
 from jamba.model import Jamba, JambaArgs
 from jamba.tokenizer import Tokenizer, train_tokenizer
+from serve.adapters import adapter_rows, load_adapters
 
 MAX_POSITIONS = 64
 
@@ -143,16 +142,17 @@ def test_adapters_dir_mixed_batch(model_dir, tmp_path):
         singles[name] = peft_model
     (tmp_path / "adapters" / "notes").mkdir()
 
-    adapters = load_adapters_dir(Jamba.from_pretrained(model_dir), tmp_path / "adapters")
-    assert adapters.names == ["add", "sub"]
+    # The service's loader (serve/adapters.py) reads what apply_lora saved.
+    served, names = load_adapters(Jamba.from_pretrained(model_dir), tmp_path / "adapters")
+    assert names == ("add", "sub")
     ids, mask = input_ids()
     with torch.no_grad():
         base = Jamba.from_pretrained(model_dir)(ids, attention_mask=mask).logits
         expected = {name: singles[name](ids, attention_mask=mask).logits for name in singles}
-        for name in adapters.names:
-            adapters.model.set_adapter(name)
-            assert torch.allclose(adapters.model(ids, attention_mask=mask).logits, expected[name], atol=1e-5)
-        mixed = adapters.model(ids, attention_mask=mask, adapter_names=["sub", BASE_ADAPTER]).logits
+        for name in names:
+            served.set_adapter(name)
+            assert torch.allclose(served(ids, attention_mask=mask).logits, expected[name], atol=1e-5)
+        mixed = served(ids, attention_mask=mask, adapter_names=adapter_rows(["sub", None])).logits
     assert torch.allclose(mixed[0], expected["sub"][0], atol=1e-5)
     assert torch.allclose(mixed[1], base[1], atol=1e-5)
 

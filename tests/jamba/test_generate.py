@@ -83,13 +83,16 @@ def test_cache_rejects_overflow(model):
 def test_generate_stops_at_eos_and_stop_sequence(model):
     prompt = torch.randint(3, 512, (6,)).tolist()
     free_run = generate(model, [prompt], max_new_tokens=8)[0]
-    assert free_run.finish_reason == "length" and len(free_run.tokens) == 8
+    assert free_run.finish_reason == "length"
+    assert len(free_run.tokens) == 8
 
     at_eos = generate(model, [prompt], max_new_tokens=8, eos_id=free_run.tokens[2])[0]
-    assert at_eos.tokens == free_run.tokens[:3] and at_eos.finish_reason == "eos"
+    assert at_eos.tokens == free_run.tokens[:3]
+    assert at_eos.finish_reason == "eos"
 
     stopped = generate(model, [prompt], max_new_tokens=8, stop_sequences=[free_run.tokens[3:5]])[0]
-    assert stopped.tokens == free_run.tokens[:5] and stopped.finish_reason == "stop"
+    assert stopped.tokens == free_run.tokens[:5]
+    assert stopped.finish_reason == "stop"
 
 
 def test_batched_generation_equals_alone(model):

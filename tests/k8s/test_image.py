@@ -113,8 +113,8 @@ def test_keeps_packages_in_app(name, pyproject):
 def test_gpu_kernels_match_cuda():
     args = build_args("gpu")
     (base,) = [arguments for instruction, arguments in instructions("gpu") if instruction == "FROM"]
-    assert base.startswith("nvidia/cuda:${CUDA_VERSION}-") and "-devel-" in base, (
-        "the kernels compile against the CUDA toolkit of a devel image")
+    assert base.startswith("nvidia/cuda:${CUDA_VERSION}-"), f"the GPU image starts from a CUDA image, got {base}"
+    assert "-devel-" in base, "the kernels compile against the CUDA toolkit of a devel image"
     major, minor = args["CUDA_VERSION"].split(".")[:2]
     assert args["TORCH_CUDA"] == f"cu{major}{minor}", (
         f"torch for {args['TORCH_CUDA']} on a CUDA {args['CUDA_VERSION']} base")

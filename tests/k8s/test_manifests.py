@@ -54,7 +54,8 @@ def entrypoint_args(job: dict) -> list[str]:
     """The arguments after finetune/lora.py in a RayJob's entrypoint."""
     tokens = shlex.split(job["spec"]["entrypoint"])
     scripts = [i for i, token in enumerate(tokens) if token.endswith("finetune/lora.py")]
-    assert len(scripts) == 1 and tokens[scripts[0] - 1] in ("python", "python3"), (
+    assert len(scripts) == 1, f"{name_of(job)}: the entrypoint should run finetune/lora.py once, got {tokens}"
+    assert tokens[scripts[0] - 1] in ("python", "python3"), (
         f"{name_of(job)}: the entrypoint should be `python .../finetune/lora.py ARGS`, got {tokens}")
     return tokens[scripts[0] + 1:]
 
@@ -384,7 +385,8 @@ def test_rayjob_arguments_accepted_by_lora(rendered, lora_options, name):
         flag = args[i]
         assert flag in lora_options, f"{name}: finetune/lora.py has no option {flag}"
         if lora_options[flag]:
-            assert i + 1 < len(args) and not args[i + 1].startswith("--"), f"{name}: {flag} needs a value"
+            assert i + 1 < len(args), f"{name}: {flag} needs a value"
+            assert not args[i + 1].startswith("--"), f"{name}: {flag} needs a value, got {args[i + 1]}"
             i += 2
         else:
             i += 1
