@@ -325,6 +325,8 @@ class MambaMixer(nn.Module):
 
     def forward(self, x, pad_mask=None, view: CacheView | None = None):
         kernels = ssm.resolve_kernels(self.scan_setting, x.device.type)
+        if kernels.native is not None and self._native_applies(x):
+            return self._forward_native(x, pad_mask, view, kernels.native)
         if pad_mask is not None:
             x = x * pad_mask[..., None].to(x.dtype)
         hidden, gate = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, I, L) each
@@ -349,6 +351,44 @@ class MambaMixer(nn.Module):
         if view is not None:
             view.cache.ssm[self.layer_idx][view.slots.to(hidden.device)] = last_state
         return self.out_proj(y.transpose(1, 2))
+
+    def _native_applies(self, x) -> bool:
+        """Whether the fused CPU kernels can run this call: fp32 inference with plain modules around the scan."""
+        from jamba.native import MAX_STATE
+
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False  # the kernels have no backward
+        return (x.dtype == torch.float32 and self.in_proj.weight.dtype == torch.float32
+                and type(self.dt_proj) is nn.Linear and type(self.conv1d) is nn.Conv1d
+                and self.D.shape[0] % 8 == 0 and self.d_state <= MAX_STATE)
+
+    def _forward_native(self, x, pad_mask, view, kernels):
+        """The mixer in channels-last layout, with the conv and the scan (norms, dt, gate included) in C++."""
+        channels = self.D.shape[0]
+        if pad_mask is not None:
+            x = x * pad_mask[..., None].to(x.dtype)
+        xz = self.in_proj(x)  # (B, L, 2I)
+        hidden, gate = xz[..., :channels], xz[..., channels:]
+        conv_weight = self.conv1d.weight[:, 0, :].contiguous()  # (I, W)
+        slots = conv_cache = ssm_cache = None
+        if view is not None:
+            slots = view.slots
+            conv_cache, ssm_cache = view.cache.conv[self.layer_idx], view.cache.ssm[self.layer_idx]
+        decode = view is not None and not view.prefill
+
+        if decode:
+            u = kernels.conv_step(hidden[:, 0], conv_weight, self.conv1d.bias, conv_cache, slots)[:, None]
+        else:
+            if pad_mask is not None:
+                hidden = hidden * pad_mask[..., None].to(hidden.dtype)
+            u = kernels.conv(hidden, conv_weight, self.conv1d.bias, conv_cache, slots)
+            if pad_mask is not None:
+                u = u * pad_mask[..., None].to(u.dtype)
+
+        norms = (self.dt_layernorm.weight, self.b_layernorm.weight, self.c_layernorm.weight)
+        y = kernels.scan(u, self.x_proj(u).contiguous(), gate, norms, self.dt_layernorm.eps, self.dt_proj.weight,
+                         self.dt_proj.bias, -torch.exp(self.A_log), self.D, ssm_cache, slots, from_state=decode)
+        return self.out_proj(y)
 
     def _project(self, hidden):
         """hidden (B, L, I) -> delta (B, I, L) before bias and softplus, B and C (B, N, L), each RMS-normalised."""
@@ -583,7 +623,7 @@ def open_cache_view(cache: HybridCache, shape, attention_mask, slots) -> CacheVi
     """Check that a batch of shape (B, L) fits the cache: it prefills empty slots or adds one token to occupied ones."""
     if slots is None:
         raise ValueError("slots is required with a cache: one slot index per batch row")
-    slots = torch.as_tensor(slots, dtype=torch.long).cpu()
+    slots = torch.as_tensor(slots, dtype=torch.long).cpu().contiguous()
     if slots.shape != tuple(shape[:1]):
         raise ValueError(f"slots must have one entry per batch row ({shape[0]}), got {tuple(slots.shape)}")
     if bool((slots < 0).any() or (slots >= cache.num_slots).any()):

@@ -15,7 +15,10 @@ The state is always kept in fp32, whatever the dtype of the activations.
 
 Paths, chosen once per device by `resolve_kernels`:
 - "ref": a plain loop over time (`selective_scan_ref`); the yardstick for the others.
-- "torch": a chunked scan in PyTorch (`selective_scan_chunked`), the fast path on CPU.
+- "torch": a chunked scan in PyTorch (`selective_scan_chunked`).
+- "native": the fast path on CPU. For inference in fp32 the mixer hands the conv and the scan with its
+  surroundings to the C++ kernels of `jamba.native` (one call each); where those do not apply (training, other
+  dtypes, adapters on dt_proj) it runs the "torch" functions below.
 - "cuda": mamba-ssm's fused kernels (`selective_scan_fn`, `selective_state_update`) and causal-conv1d's.
 """
 
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-SCAN_SETTINGS = ("auto", "ref", "torch", "cuda")
+SCAN_SETTINGS = ("auto", "ref", "torch", "native", "cuda")
 
 # exp(x) overflows fp32 above ~88; the chunked scan keeps every exponent under this bound.
 _MAX_EXPONENT = 60.0
@@ -160,6 +163,7 @@ class ScanKernels:
     step: Callable
     conv: Callable
     conv_step: Callable
+    native: object = None  # jamba.native.Kernels, for the mixer's fused CPU path
 
 
 def _cuda_kernels() -> ScanKernels:
@@ -197,12 +201,20 @@ REF_KERNELS = ScanKernels("ref", selective_scan_ref, ssm_step, causal_conv1d_ref
 TORCH_KERNELS = ScanKernels("torch", selective_scan_chunked, ssm_step, causal_conv1d_ref, causal_conv1d_step)
 
 
+def _native_kernels() -> ScanKernels | None:
+    from jamba import native
+
+    built = native.kernels()
+    return None if built is None else ScanKernels("native", selective_scan_chunked, ssm_step, causal_conv1d_ref,
+                                                  causal_conv1d_step, built)
+
+
 @functools.lru_cache(maxsize=None)
 def resolve_kernels(setting: str, device_type: str) -> ScanKernels:
     """Pick the scan path for `setting` on a device type and log the choice once.
 
-    "auto" takes mamba-ssm's kernels on CUDA when they import and the PyTorch chunked scan otherwise; asking for
-    "cuda" where the kernels cannot run raises with the install command.
+    "auto" takes mamba-ssm's kernels on CUDA when they import, the native kernels on CPU when they build, and the
+    PyTorch chunked scan otherwise; asking for "cuda" or "native" where they cannot run raises.
     """
     if setting not in SCAN_SETTINGS:
         raise ValueError(f"scan must be one of {SCAN_SETTINGS}, got {setting!r}")
@@ -214,7 +226,18 @@ def resolve_kernels(setting: str, device_type: str) -> ScanKernels:
     elif device_type != "cuda":
         if setting == "cuda":
             raise ValueError(f"scan='cuda' needs a CUDA device, but the model is on {device_type!r}")
-        kernels, reason = TORCH_KERNELS, f"device is {device_type}"
+        if device_type != "cpu" and setting == "native":
+            raise ValueError(f"scan='native' runs on the CPU, but the model is on {device_type!r}")
+        native = _native_kernels() if device_type == "cpu" else None
+        if native is not None:
+            kernels, reason = native, "requested" if setting == "native" else "the C++ kernels built"
+        elif setting == "native":
+            raise RuntimeError("scan='native' needs the C++ kernels of jamba.native, which did not build; the "
+                               "logged warning says why (a C++ compiler and ninja are needed)")
+        else:
+            kernels, reason = TORCH_KERNELS, f"device is {device_type}, no native kernels"
+    elif setting == "native":
+        raise ValueError("scan='native' runs on the CPU, but the model is on 'cuda'")
     else:
         try:
             kernels, reason = _cuda_kernels(), "mamba-ssm and causal-conv1d kernels imported"

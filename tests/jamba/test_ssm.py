@@ -62,8 +62,21 @@ def test_conv_step_continues_the_conv():
         assert (out - full[..., t]).abs().max().item() < 1e-6
 
 
-def test_auto_picks_torch_path_on_cpu():
-    assert ssm.resolve_kernels("auto", "cpu").name == "torch"
+def test_auto_picks_native_path_on_cpu():
+    assert ssm.resolve_kernels("auto", "cpu").name == "native"
+
+
+def test_auto_falls_back_to_torch_without_native_kernels(monkeypatch):
+    from jamba import native
+
+    monkeypatch.setattr(native, "kernels", lambda: None)
+    ssm.resolve_kernels.cache_clear()
+    try:
+        assert ssm.resolve_kernels("auto", "cpu").name == "torch"
+        with pytest.raises(RuntimeError, match="scan='native' needs the C\\+\\+ kernels"):
+            ssm.resolve_kernels("native", "cpu")
+    finally:
+        ssm.resolve_kernels.cache_clear()
 
 
 def test_cuda_path_on_cpu_is_rejected():

@@ -1,0 +1,222 @@
+// CPU kernels of the Mamba mixer in fp32: the causal conv with SiLU (whole sequence and one token) and the selective
+// scan fused with what surrounds it (RMSNorm of dt, B and C, the dt projection, softplus, the D skip and the
+// SiLU gate). Loaded with ctypes by jamba/native.py, which documents shapes and checks arguments; nothing here
+// validates.
+//
+// Layout: activations are (B, L, I) with channels last, so eight neighbouring channels form one vector and the
+// scan runs eight channels at a time; I must be a multiple of 8. The SSM state is (slots, I, N) and the conv
+// window (slots, I, W), the layout of jamba.model.HybridCache.
+//
+// Vectors are GCC vector extensions, so the compiler emits AVX2 where the build enables it and narrower code
+// elsewhere. exp and log1p are polynomial approximations (relative error below 1e-6), because a scalar libm call
+// per element would cost more than the rest of the scan.
+
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+constexpr int kMaxState = 64;
+// Below this many activations (B * L * I) a call runs on the calling thread: waking the pool would cost more.
+constexpr int64_t kSplitWork = 1 << 15;
+
+inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
+
+inline v8 load8(const float* p) {
+    v8 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+
+inline v8 vmin(v8 a, v8 b) { return a < b ? a : b; }
+inline v8 vmax(v8 a, v8 b) { return a > b ? a : b; }
+
+// exp(x) for x in [-87, 88]: x = k ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^6 (relative
+// error below 2e-7), times 2^k built in the exponent bits, where 2^k stays a normal float.
+inline v8 exp_in_range8(v8 x) {
+    const v8 round = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+    v8 k = (x * splat(1.44269504088896341f) + round) - round;
+    v8 r = x - k * splat(0.693359375f) - k * splat(-2.12194440e-4f);
+    v8 p = splat(1.0f / 720);
+    p = p * r + splat(1.0f / 120);
+    p = p * r + splat(1.0f / 24);
+    p = p * r + splat(1.0f / 6);
+    p = p * r + splat(0.5f);
+    p = p * r + splat(1.0f);
+    p = p * r + splat(1.0f);
+    v8i bits = (__builtin_convertvector(k, v8i) + 127) << 23;
+    v8 scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+inline v8 exp8(v8 x) { return exp_in_range8(vmin(vmax(x, splat(-87.0f)), splat(88.0f))); }
+
+// exp(x) for x <= 0, as the state's decay exp(delta * A) always is; below -87 it returns about 1e-38, not 0.
+inline v8 exp_nonpositive8(v8 x) { return exp_in_range8(vmax(x, splat(-87.0f))); }
+
+// log(1 + y) for y in [0, 1], as 2 atanh(s) with s = y / (2 + y) <= 1/3, to the s^13 term.
+inline v8 log1p_unit8(v8 y) {
+    v8 s = y / (splat(2.0f) + y);
+    v8 s2 = s * s;
+    v8 p = splat(1.0f / 13);
+    p = p * s2 + splat(1.0f / 11);
+    p = p * s2 + splat(1.0f / 9);
+    p = p * s2 + splat(1.0f / 7);
+    p = p * s2 + splat(1.0f / 5);
+    p = p * s2 + splat(1.0f / 3);
+    p = p * s2 + splat(1.0f);
+    return splat(2.0f) * s * p;
+}
+
+inline v8 softplus8(v8 x) {
+    v8 magnitude = x < splat(0.0f) ? -x : x;
+    return vmax(x, splat(0.0f)) + log1p_unit8(exp8(-magnitude));
+}
+
+inline v8 silu8(v8 x) { return x / (splat(1.0f) + exp8(-x)); }
+
+// Run fn(first, last) over ranges of [0, count) on PyTorch's intra-op threads (the pool its operators use, so
+// the two never compete for cores), or on the calling thread when the work is small.
+template <typename Fn>
+void parallel_for(int64_t count, bool split, const Fn& fn) {
+    if (!split) {
+        fn(int64_t{0}, count);
+        return;
+    }
+    at::parallel_for(0, count, 1, fn);
+}
+
+// RMSNorm of n values in place: x * weight / sqrt(mean(x^2) + eps), in the order of torch's rms_norm.
+void rms_norm(float* x, const float* weight, int64_t n, float eps) {
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; ++j) sum += x[j] * x[j];
+    float scale = 1.0f / __builtin_sqrtf(sum / static_cast<float>(n) + eps);
+    for (int64_t j = 0; j < n; ++j) x[j] = x[j] * scale * weight[j];
+}
+
+}  // namespace
+
+extern "C" {
+
+// out (B, L, I) = silu(bias + causal depthwise conv of x), where x[b, t, i] is at x + b * sx_b + t * sx_t + i.
+// When conv_cache is given, the last W inputs of each row (zeros before the start) go to its slot's window.
+void jamba_conv(const float* x, int64_t sx_b, int64_t sx_t, const float* weight, const float* bias, float* out,
+                float* conv_cache, const int64_t* slots, int64_t B, int64_t L, int64_t I, int64_t W) {
+    std::vector<float> wt(W * I);  // (W, I)
+    for (int64_t i = 0; i < I; ++i)
+        for (int64_t k = 0; k < W; ++k) wt[k * I + i] = weight[i * W + k];
+    const int64_t blocks = I / 8;
+    parallel_for(B * blocks, B * L * I >= kSplitWork, [&](int64_t first, int64_t last) {
+        for (int64_t task = first; task < last; ++task) {
+            const int64_t b = task / blocks, i0 = (task % blocks) * 8;
+            const v8 b8 = bias ? load8(bias + i0) : splat(0.0f);
+            for (int64_t t = 0; t < L; ++t) {
+                v8 acc = b8;
+                for (int64_t k = 0; k < W; ++k) {
+                    int64_t source = t - (W - 1) + k;
+                    if (source >= 0) acc += load8(&wt[k * I + i0]) * load8(x + b * sx_b + source * sx_t + i0);
+                }
+                store8(out + (b * L + t) * I + i0, silu8(acc));
+            }
+        }
+    });
+    if (!conv_cache) return;
+    for (int64_t b = 0; b < B; ++b) {
+        float* window = conv_cache + slots[b] * I * W;
+        for (int64_t k = 0; k < W; ++k) {
+            int64_t source = L - W + k;
+            for (int64_t i = 0; i < I; ++i) window[i * W + k] = source >= 0 ? x[b * sx_b + source * sx_t + i] : 0.0f;
+        }
+    }
+}
+
+// One token per row: shift x[b] (at x + b * sx_b) into its slot's window and write silu(bias + conv) to out (B, I).
+void jamba_conv_step(const float* x, int64_t sx_b, const float* weight, const float* bias, float* out,
+                     float* conv_cache, const int64_t* slots, int64_t B, int64_t I, int64_t W) {
+    for (int64_t b = 0; b < B; ++b) {
+        float* window = conv_cache + slots[b] * I * W;
+        float* row = out + b * I;
+        for (int64_t i = 0; i < I; ++i) {
+            float* w = window + i * W;
+            std::memmove(w, w + 1, (W - 1) * sizeof(float));
+            w[W - 1] = x[b * sx_b + i];
+            float acc = bias ? bias[i] : 0.0f;
+            for (int64_t k = 0; k < W; ++k) acc += weight[i * W + k] * w[k];
+            row[i] = acc;
+        }
+        for (int64_t i0 = 0; i0 < I; i0 += 8) store8(row + i0, silu8(load8(row + i0)));
+    }
+}
+
+// The selective scan with its surroundings, for each row b and step t:
+//   dt, Bt, Ct = RMSNorm(dbc[b, t]) split as R, N, N     (dbc is x_proj's output, (B, L, R + 2N))
+//   delta = softplus(dt_weight @ dt + dt_bias)          (I,)
+//   h = exp(delta * A) * h + delta * u[b, t] * Bt        (I, N)
+//   y[b, t] = (h @ Ct + D * u[b, t]) * silu(z[b, t])
+// u and y are (B, L, I); z[b, t, i] is at z + b * sz_b + t * sz_t + i. h starts from the slot's cached state when
+// from_state is set and from zeros otherwise; the last h goes back to ssm_cache (when given) and to last_state.
+void jamba_scan(const float* u, const float* dbc, const float* z, int64_t sz_b, int64_t sz_t,
+                const float* dt_norm_weight, const float* b_norm_weight, const float* c_norm_weight, float eps,
+                const float* dt_weight, const float* dt_bias, const float* A, const float* D, float* y,
+                float* ssm_cache, const int64_t* slots, int from_state, float* last_state, int64_t B, int64_t L,
+                int64_t I, int64_t N, int64_t R) {
+    const int64_t width = R + 2 * N;
+    std::vector<float> normed(dbc, dbc + B * L * width);
+    for (int64_t row = 0; row < B * L; ++row) {
+        float* p = &normed[row * width];
+        rms_norm(p, dt_norm_weight, R, eps);
+        rms_norm(p + R, b_norm_weight, N, eps);
+        rms_norm(p + R + N, c_norm_weight, N, eps);
+    }
+    std::vector<float> dt_t(R * I), a_t(N * I);  // (R, I) and (N, I): eight channels side by side
+    for (int64_t i = 0; i < I; ++i) {
+        for (int64_t r = 0; r < R; ++r) dt_t[r * I + i] = dt_weight[i * R + r];
+        for (int64_t n = 0; n < N; ++n) a_t[n * I + i] = A[i * N + n];
+    }
+
+    const int64_t blocks = I / 8;
+    auto run = [&](int64_t first, int64_t last) {
+        v8 h[kMaxState];
+        for (int64_t task = first; task < last; ++task) {
+            const int64_t b = task / blocks, i0 = (task % blocks) * 8;
+            float* cached = ssm_cache ? ssm_cache + slots[b] * I * N : nullptr;
+            for (int64_t n = 0; n < N; ++n)
+                for (int c = 0; c < 8; ++c) h[n][c] = from_state ? cached[(i0 + c) * N + n] : 0.0f;
+            const v8 bias8 = load8(dt_bias + i0);
+            const v8 d8 = D ? load8(D + i0) : splat(0.0f);
+            for (int64_t t = 0; t < L; ++t) {
+                const float* p = &normed[(b * L + t) * width];
+                v8 delta = bias8;
+                for (int64_t r = 0; r < R; ++r) delta += splat(p[r]) * load8(&dt_t[r * I + i0]);
+                delta = softplus8(delta);
+                const v8 u8 = load8(u + (b * L + t) * I + i0);
+                const v8 du = delta * u8;
+                v8 acc = splat(0.0f);
+                for (int64_t n = 0; n < N; ++n) {
+                    h[n] = exp_nonpositive8(delta * load8(&a_t[n * I + i0])) * h[n] + du * splat(p[R + n]);
+                    acc += h[n] * splat(p[R + N + n]);
+                }
+                acc += d8 * u8;
+                store8(y + (b * L + t) * I + i0, acc * silu8(load8(z + b * sz_b + t * sz_t + i0)));
+            }
+            for (int64_t n = 0; n < N; ++n) {
+                for (int c = 0; c < 8; ++c) {
+                    if (cached) cached[(i0 + c) * N + n] = h[n][c];
+                    if (last_state) last_state[(b * I + i0 + c) * N + n] = h[n][c];
+                }
+            }
+        }
+    };
+    parallel_for(B * blocks, B * L * I >= kSplitWork, run);
+}
+
+}  // extern "C"

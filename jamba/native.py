@@ -1,0 +1,127 @@
+"""The CPU kernels of jamba/csrc/mamba_cpu.cpp: built at first use, loaded with ctypes, called on fp32 tensors.
+
+A decode step through PyTorch operators spends most of its time in operator overhead (a Mamba layer is some forty
+small operators), and a prefill spends most of it in the chunked scan's temporaries. These kernels do the conv and
+the scan with its surroundings in one call each. `torch.utils.cpp_extension` builds them (ninja and a C++
+compiler are needed) into its cache, once per machine; when the build fails, `kernels()` returns None, the reason
+is logged, and the model keeps the PyTorch path.
+
+Shapes, as in jamba/ssm.py: B rows, L steps, I channels (a multiple of 8), N d_state (at most 64), R dt_rank,
+W conv width, S cache slots. Activations are (B, L, I), channels last.
+"""
+
+import ctypes
+import functools
+import logging
+import platform
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "mamba_cpu.cpp"
+MAX_STATE = 64  # kMaxState in the source
+
+_c_float_p = ctypes.POINTER(ctypes.c_float)
+_c_int64_p = ctypes.POINTER(ctypes.c_int64)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _arch_flags() -> tuple[str, list[str]]:
+    """The build's name and target flags: AVX2 and FMA where the CPU has both, the compiler's default otherwise."""
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
+        return "avx2", ["-mavx2", "-mfma"]
+    return "generic", []
+
+
+class Kernels:
+    """Typed entry points of the built library."""
+
+    def __init__(self, path: str):
+        lib = ctypes.CDLL(path)
+        f, i64, ci = _c_float_p, ctypes.c_int64, ctypes.c_int
+        self._conv = lib.jamba_conv
+        self._conv.argtypes = [f, i64, i64, f, f, f, f, _c_int64_p, i64, i64, i64, i64]
+        self._conv_step = lib.jamba_conv_step
+        self._conv_step.argtypes = [f, i64, f, f, f, f, _c_int64_p, i64, i64, i64]
+        self._scan = lib.jamba_scan
+        self._scan.argtypes = [f, f, f, i64, i64, f, f, f, ctypes.c_float, f, f, f, f, f, f, _c_int64_p, ci, f,
+                               i64, i64, i64, i64, i64]
+        for fn in (self._conv, self._conv_step, self._scan):
+            fn.restype = None
+
+    def conv(self, x, weight, bias, conv_cache=None, slots=None) -> torch.Tensor:
+        """x (B, L, I) with unit channel stride -> silu(causal depthwise conv(x) + bias) (B, L, I).
+
+        weight (I, W) and bias (I,) contiguous; with conv_cache (S, I, W) and slots (B,), each row's last W inputs
+        are stored in its slot.
+        """
+        batch, length, channels = x.shape
+        out = torch.empty(batch, length, channels, dtype=torch.float32)
+        self._conv(_ptr(x), x.stride(0), x.stride(1), _ptr(weight), _ptr(bias), _ptr(out), _ptr(conv_cache),
+                   _slots_ptr(slots), batch, length, channels, weight.shape[1])
+        return out
+
+    def conv_step(self, x, weight, bias, conv_cache, slots) -> torch.Tensor:
+        """x (B, I) with unit channel stride: shift each row into its slot's window; return silu(conv + bias) (B, I)."""
+        batch, channels = x.shape
+        out = torch.empty(batch, channels, dtype=torch.float32)
+        self._conv_step(_ptr(x), x.stride(0), _ptr(weight), _ptr(bias), _ptr(out), _ptr(conv_cache),
+                        _slots_ptr(slots), batch, channels, weight.shape[1])
+        return out
+
+    def scan(self, u, dbc, z, norms, eps, dt_weight, dt_bias, A, D, ssm_cache=None, slots=None,
+             from_state=False, return_last_state=False):
+        """The selective scan fused with the RMSNorm of dt, B and C, the dt projection, softplus, D and the gate.
+
+        u (B, L, I) contiguous; dbc (B, L, R + 2N) contiguous, x_proj's output before the norms; z (B, L, I) with
+        unit channel stride; norms the three norm weights (R,), (N,), (N,); dt_weight (I, R), dt_bias (I,),
+        A (I, N) (already negative), D (I,) or None. The state starts from the slots' cached state when
+        from_state, from zeros otherwise, and its last value goes back to ssm_cache (S, I, N) when given.
+        Returns y (B, L, I), and the last state (B, I, N) when return_last_state.
+        """
+        batch, length, channels = u.shape
+        state_size, rank = A.shape[1], dt_weight.shape[1]
+        y = torch.empty_like(u)
+        last = torch.empty(batch, channels, state_size, dtype=torch.float32) if return_last_state else None
+        self._scan(_ptr(u), _ptr(dbc), _ptr(z), z.stride(0), z.stride(1), *(_ptr(w) for w in norms), eps,
+                   _ptr(dt_weight), _ptr(dt_bias), _ptr(A), _ptr(D), _ptr(y), _ptr(ssm_cache), _slots_ptr(slots),
+                   int(from_state), _ptr(last), batch, length, channels, state_size, rank)
+        return (y, last) if return_last_state else y
+
+
+def _ptr(tensor):
+    if tensor is None:
+        return None
+    return ctypes.cast(tensor.data_ptr(), _c_float_p)
+
+
+def _slots_ptr(slots):
+    return None if slots is None else ctypes.cast(slots.data_ptr(), _c_int64_p)
+
+
+@functools.lru_cache(maxsize=None)
+def kernels() -> Kernels | None:
+    """Build (or find in torch's extension cache) and load the kernels; None, with the reason logged, on failure."""
+    from torch.utils.cpp_extension import load
+
+    name, flags = _arch_flags()
+    try:
+        # -fopenmp makes at::parallel_for in the source run on PyTorch's OpenMP pool (the process already holds
+        # the libgomp that torch ships, and the kernels link to that same library).
+        path = load(name=f"jamba_mamba_cpu_{name}", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *flags],
+                    extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        return Kernels(path)
+    except Exception as error:  # a missing compiler or ninja shows up as one of several exception types
+        log.warning("the native CPU kernels could not be built, the PyTorch path runs instead: %s", error)
+        return None

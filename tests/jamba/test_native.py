@@ -1,0 +1,134 @@
+"""The C++ CPU kernels against the PyTorch reference, alone and inside the model."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jamba import native, ssm
+from jamba.generate import left_pad
+from jamba.model import Jamba, JambaArgs
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    built = native.kernels()
+    assert built is not None, "the native kernels did not build; the log says why"
+    return built
+
+
+def reference_scan(u, dbc, z, norms, eps, dt_weight, dt_bias, A, D, state=None):
+    """The same computation with the PyTorch reference functions, (B, L, I) in and out."""
+    rank, size = dt_weight.shape[1], A.shape[1]
+    dt, B, C = torch.split(dbc, [rank, size, size], dim=-1)
+    dt, B, C = (F.rms_norm(t, t.shape[-1:], w, eps) for t, w in zip((dt, B, C), norms))
+    delta = (dt @ dt_weight.t()).transpose(1, 2)
+    if state is None:
+        y, last = ssm.selective_scan_ref(u.transpose(1, 2), delta, A, B.transpose(1, 2), C.transpose(1, 2), D,
+                                         z.transpose(1, 2), dt_bias, True, return_last_state=True)
+        return y.transpose(1, 2), last
+    y = ssm.ssm_step(state, u[:, 0], delta[..., 0], A, B[:, 0], C[:, 0], D, z[:, 0], dt_bias, True)
+    return y[:, None], state
+
+
+def scan_case(batch=2, length=37, channels=64, size=16, rank=8, delta_shift=-2.0):
+    xz = torch.randn(batch, length, 2 * channels)
+    return dict(
+        u=torch.randn(batch, length, channels),
+        dbc=torch.randn(batch, length, rank + 2 * size),
+        z=xz[..., channels:],  # strided like the gate half of in_proj's output
+        norms=(torch.rand(rank) + 0.5, torch.rand(size) + 0.5, torch.rand(size) + 0.5),
+        eps=1e-6,
+        dt_weight=torch.randn(channels, rank) * 0.3,
+        dt_bias=torch.randn(channels) * 0.5 + delta_shift,
+        A=-torch.exp(torch.randn(channels, size)),
+        D=torch.randn(channels),
+    )
+
+
+def test_conv_matches_reference(kernels):
+    xz = torch.randn(3, 21, 96)
+    x, weight, bias = xz[..., :48], torch.randn(48, 4), torch.randn(48)
+    expected = ssm.causal_conv1d_ref(x.transpose(1, 2), weight, bias).transpose(1, 2)
+    assert (kernels.conv(x, weight, bias) - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("delta_shift", [-8.0, -2.0, 0.0, 6.0, 30.0])
+def test_scan_matches_reference(kernels, delta_shift):
+    case = scan_case(delta_shift=delta_shift)
+    y, last = kernels.scan(**case, return_last_state=True)
+    y_ref, last_ref = reference_scan(**case)
+    scale = y_ref.abs().max().item()
+    assert (y - y_ref).abs().max().item() / scale < 1e-5
+    assert (last - last_ref).abs().max().item() / last_ref.abs().max().item() < 1e-5
+
+
+def test_scan_without_skip_and_with_threads(kernels):
+    case = scan_case(batch=3, length=300, channels=128)  # enough work to split over threads
+    case["D"] = None
+    torch.set_num_threads(2)
+    y = kernels.scan(**case)
+    y_ref, _ = reference_scan(**case)
+    assert (y - y_ref).abs().max().item() / y_ref.abs().max().item() < 1e-5
+
+
+def test_decode_steps_continue_cached_state(kernels):
+    """Prefill into slots 3 and 1 of a cache, then steps read and write those slots only."""
+    case = scan_case(length=9)
+    slots = torch.tensor([3, 1])
+    ssm_cache, conv_cache = torch.zeros(5, 64, 16), torch.zeros(5, 64, 4)
+    xz = torch.randn(2, 12, 128)
+    weight, bias = torch.randn(64, 4), torch.randn(64)
+    u = kernels.conv(xz[:, :9, :64], weight, bias, conv_cache, slots)
+    kernels.scan(**{**case, "u": u, "z": xz[:, :9, 64:]}, ssm_cache=ssm_cache, slots=slots)
+    _, state = reference_scan(**{**case, "u": u, "z": xz[:, :9, 64:]})
+
+    conv_full = ssm.causal_conv1d_ref(xz[..., :64].transpose(1, 2), weight, bias).transpose(1, 2)
+    for t in range(9, 12):
+        u_t = kernels.conv_step(xz[:, t, :64], weight, bias, conv_cache, slots)
+        assert (u_t - conv_full[:, t]).abs().max().item() < 1e-5
+        step = {**case, "u": u_t[:, None], "dbc": torch.randn(2, 1, case["dbc"].shape[-1]), "z": xz[:, t:t + 1, 64:]}
+        y = kernels.scan(**step, ssm_cache=ssm_cache, slots=slots, from_state=True)
+        y_ref, state = reference_scan(**step, state=state)
+        assert (y - y_ref).abs().max().item() < 1e-4
+    assert (ssm_cache[slots] - state).abs().max().item() < 1e-5
+    assert ssm_cache[[0, 2, 4]].abs().max().item() == 0 and conv_cache[[0, 2, 4]].abs().max().item() == 0
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    native_model = Jamba(JambaArgs.from_preset("tiny"), scan="native").eval()
+    reference = Jamba(JambaArgs.from_preset("tiny"), scan="ref").eval()
+    reference.load_state_dict(native_model.state_dict())
+    return native_model, reference
+
+
+@torch.no_grad()
+def test_model_with_native_kernels_matches_reference(models):
+    native_model, reference = models
+    prompts = [torch.randint(3, 512, (n,)).tolist() for n in (15, 4, 9)]
+    ids, mask = left_pad(prompts, pad_id=0)
+    assert (native_model(ids, mask).logits - reference(ids, mask).logits).abs().max().item() < 1e-4
+
+    caches = [m.new_cache(num_slots=4, max_len=24) for m in models]
+    slots = torch.tensor([2, 0, 3])
+    outs = [m(ids, mask, cache=c, slots=slots, logits_to_keep=1).logits for m, c in zip(models, caches)]
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-4
+    for _ in range(5):
+        token = outs[1][:, -1].argmax(-1, keepdim=True)
+        outs = [m(token, cache=c, slots=slots).logits for m, c in zip(models, caches)]
+        assert (outs[0] - outs[1]).abs().max().item() < 1e-4
+    for a, b in zip(caches[0].ssm.values(), caches[1].ssm.values()):
+        assert (a - b).abs().max().item() < 1e-4
+
+
+def test_training_takes_the_differentiable_path(models):
+    native_model, reference = models
+    ids = torch.randint(3, 512, (2, 10))
+    native_model.zero_grad()
+    reference.zero_grad()
+    native_model(ids).logits.square().mean().backward()
+    reference(ids).logits.square().mean().backward()
+    native_grad = native_model.model.layers[0].mamba.A_log.grad
+    assert native_grad is not None
+    assert (native_grad - reference.model.layers[0].mamba.A_log.grad).abs().max().item() < 1e-5
