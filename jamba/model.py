@@ -422,7 +422,19 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def swiglu(gate, up):
+    """silu(gate) * up; one pass in the native kernels for fp32 inference on CPU."""
+    if (gate.dtype == torch.float32 and gate.device.type == "cpu" and gate.shape == up.shape
+            and gate.numel() % 8 == 0 and not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))):
+        from jamba import native
+
+        kernels = native.kernels()
+        if kernels is not None:
+            return kernels.silu_mul(gate.contiguous(), up.contiguous())
+    return F.silu(gate) * up
 
 
 class Router(nn.Module):

@@ -57,8 +57,16 @@ class Kernels:
         self._scan = lib.jamba_scan
         self._scan.argtypes = [f, f, f, i64, i64, f, f, f, ctypes.c_float, f, f, f, f, f, f, _c_int64_p, ci, f,
                                i64, i64, i64, i64, i64]
-        for fn in (self._conv, self._conv_step, self._scan):
+        self._silu_mul = lib.jamba_silu_mul
+        self._silu_mul.argtypes = [f, f, f, i64]
+        for fn in (self._conv, self._conv_step, self._scan, self._silu_mul):
             fn.restype = None
+
+    def silu_mul(self, gate, up) -> torch.Tensor:
+        """silu(gate) * up for contiguous fp32 tensors of one shape with a multiple of 8 elements."""
+        out = torch.empty_like(gate)
+        self._silu_mul(_ptr(gate), _ptr(up), _ptr(out), gate.numel())
+        return out
 
     def conv(self, x, weight, bias, conv_cache=None, slots=None) -> torch.Tensor:
         """x (B, L, I) with unit channel stride -> silu(causal depthwise conv(x) + bias) (B, L, I).

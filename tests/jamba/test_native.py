@@ -52,6 +52,13 @@ def test_conv_matches_reference(kernels):
     assert (kernels.conv(x, weight, bias) - expected).abs().max().item() < 1e-5
 
 
+def test_silu_mul_matches_torch(kernels):
+    gate, up = torch.randn(5, 3, 64) * 30, torch.randn(5, 3, 64)
+    assert (kernels.silu_mul(gate, up) - F.silu(gate) * up).abs().max().item() < 1e-4
+    big = torch.randn(2, 100_000)  # split over threads
+    assert (kernels.silu_mul(big, big) - F.silu(big) * big).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize("delta_shift", [-8.0, -2.0, 0.0, 6.0, 30.0])
 def test_scan_matches_reference(kernels, delta_shift):
     case = scan_case(delta_shift=delta_shift)
