@@ -1,7 +1,8 @@
 """Next-token sampling with per-request parameters and random generators.
 
-Each row is sampled on its own with its own `torch.Generator`, so a seeded request draws the same tokens whether it
-runs alone or in a batch beside others.
+Each row draws its one uniform number from its own `torch.Generator` and picks the token where that number falls
+in its cumulative distribution, so a seeded request draws the same tokens whether it runs alone or in a batch
+beside others. The rest (temperature, softmax, cumulative sums, the lookup) runs batched over the rows.
 """
 
 import math
@@ -60,10 +61,20 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     """Pick one token per row of logits (B, V); returns (B,) long on the CPU."""
     logits = logits.float().cpu()
     tokens = logits.argmax(-1)
-    for row, (p, generator) in enumerate(zip(params, generators)):
-        if p.greedy:
-            continue
-        row_logits = filter_logits(logits[row] / p.temperature, p.top_k, p.top_p)
-        probs = torch.softmax(row_logits, dim=-1)
-        tokens[row] = torch.multinomial(probs, 1, generator=generator)[0]
+    rows = [row for row, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return tokens
+    temperature = torch.tensor([params[row].temperature for row in rows])
+    scaled = logits[rows] / temperature[:, None]
+    for i, row in enumerate(rows):
+        p = params[row]
+        if p.top_k or p.top_p < 1.0:
+            scaled[i] = filter_logits(scaled[i], p.top_k, p.top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    cdf = probs.cumsum(-1)
+    uniform = torch.stack([torch.rand((), generator=generators[row]) for row in rows])
+    picked = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)[:, 0]
+    # Rounding can put the draw at the very end of the distribution; take the last token that can be drawn.
+    last_possible = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
+    tokens[rows] = torch.minimum(picked, last_possible)
     return tokens

@@ -120,3 +120,21 @@ def test_top_k_one_is_greedy(model):
     greedy = generate(model, [prompt], max_new_tokens=6)[0].tokens
     sampled = generate(model, [prompt], max_new_tokens=6, params=SamplingParams(temperature=1.0, top_k=1, seed=1))
     assert sampled[0].tokens == greedy
+
+
+def test_sampled_tokens_follow_the_filtered_distribution():
+    from jamba.sampling import filter_logits, sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 2
+    params = [SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=0.7, top_k=5, seed=2),
+              SamplingParams(temperature=1.2, top_p=0.5, seed=3)]
+    generators = [p.make_generator() for p in params]
+    counts = torch.zeros(3, 50)
+    for _ in range(4000):
+        counts[torch.arange(3), sample(logits, params, generators)] += 1
+    for row, p in enumerate(params):
+        expected = torch.softmax(filter_logits(logits[row] / p.temperature, p.top_k, p.top_p), dim=-1)
+        observed = counts[row] / counts[row].sum()
+        assert counts[row][expected == 0].sum() == 0, "a filtered-out token was drawn"
+        assert (observed - expected).abs().max().item() < 0.03
