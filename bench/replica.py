@@ -42,6 +42,8 @@ def main():
     parser.add_argument("--batch", type=int, default=16, help="sequences decoded together")
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in-process and per actor")
+    parser.add_argument("--layer-groups", type=int, default=2, help="layer-group actors of the replica")
+    parser.add_argument("--expert-shards", type=int, default=2, help="expert-shard actors of the replica")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
 
@@ -57,7 +59,9 @@ def main():
              logging_level="ERROR", log_to_driver=False)
     for label, transport in (("(b) replica, Ray call per hand-off", "ray"),
                              ("(c) replica, gloo group", "collective")):
-        replica = RayReplica(path, options.batch, max_len, transport=transport, threads_per_actor=options.threads)
+        replica = RayReplica(path, options.batch, max_len, layer_groups=options.layer_groups,
+                             expert_shards=options.expert_shards, transport=transport,
+                             threads_per_actor=options.threads)
         rate = decode_rate(replica, options.batch, options.steps)
         stats = ray.get([g.take_dispatch_stats.remote() for g in replica.groups])
         seconds, calls = sum(s for s, _ in stats), sum(c for _, c in stats)
@@ -66,8 +70,8 @@ def main():
     ray.shutdown()
 
     reference = rows[0][1]
-    print(f"\ndecode at batch {options.batch}, {options.steps} steps, {options.threads} threads per process, "
-          f"torch {torch.__version__}\n")
+    print(f"\ndecode at batch {options.batch}, {options.steps} steps, {options.layer_groups} layer groups and "
+          f"{options.expert_shards} expert shards, {options.threads} threads per process, torch {torch.__version__}\n")
     print("| runner | tokens/s | vs in-process | dispatch per MoE layer (ms) |")
     print("|---|---:|---:|---:|")
     for label, rate, dispatch_ms in rows:
