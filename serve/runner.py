@@ -9,6 +9,7 @@ locking. A runner spread over Ray actors implements the same methods by waiting 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -82,6 +83,16 @@ def summarize(args, name: str) -> ModelSummary:
         num_experts=args.num_experts,
         num_experts_per_tok=args.num_experts_per_tok,
     )
+
+
+def serving_threads() -> int:
+    """Torch threads for a serving process: every core it may use but one, which is left to the event loop.
+
+    The gRPC event loop runs Python between model steps and during them; when the model's threads take every
+    core, each of their parallel regions waits for the thread whose core the loop took, and a step slows down
+    far more than the one core would explain.
+    """
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def slots_for_memory(model, max_len: int, memory_budget_bytes: int) -> int:

@@ -31,7 +31,7 @@ from jamba.tokenizer import Tokenizer
 from serve.engine import Chunk, Engine, EngineConfig, FinishReason
 from serve.metrics import Metrics
 from serve.proto.jamba.v1 import jamba_pb2, jamba_pb2_grpc
-from serve.runner import LocalRunner, slots_for_memory
+from serve.runner import LocalRunner, serving_threads, slots_for_memory
 from serve.validation import ServeError, grpc_status, validate_generate, validate_tokenize
 
 logger = logging.getLogger(__name__)
@@ -334,8 +334,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--token-file", type=Path,
                         help="file holding the bearer token clients must send; the JAMBA_SERVE_TOKEN environment "
                              "variable is the alternative (default: no authentication)")
+    parser.add_argument("--threads", type=int, default=serving_threads(),
+                        help="torch threads of the model; one core is left to the gRPC event loop "
+                             "(default: the usable cores minus one, here %(default)s)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     if args.slots is None and args.memory_budget is None:
@@ -356,6 +361,7 @@ async def _serve(args: argparse.Namespace) -> None:
     elif os.environ.get("JAMBA_SERVE_TOKEN"):
         token = os.environ["JAMBA_SERVE_TOKEN"]
 
+    torch.set_num_threads(args.threads)
     metrics = Metrics()
     config = EngineConfig(
         max_queue_size=args.queue_size,
