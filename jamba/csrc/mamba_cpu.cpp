@@ -103,6 +103,42 @@ void rms_norm(float* x, const float* weight, int64_t n, float eps) {
     for (int64_t j = 0; j < n; ++j) x[j] = x[j] * scale * weight[j];
 }
 
+// One token per row from the cached state, with vectors along the state dimension: the state of a channel is
+// N contiguous floats in the cache, so it is read and written in place. delta and the gate are first computed
+// for all channels of a row with vectors along the channels. normed is (B, R + 2N) after the norms, dt_t (R, I).
+void scan_step(const float* u, const float* normed, const float* z, int64_t sz_b, const float* dt_t,
+               const float* dt_bias, const float* A, const float* D, float* y, float* ssm_cache,
+               const int64_t* slots, int64_t B, int64_t I, int64_t N, int64_t R) {
+    parallel_for(B, B * I >= kSplitWork, [&](int64_t first, int64_t last) {
+        std::vector<float> delta(I), gate(I);
+        for (int64_t b = first; b < last; ++b) {
+            const float* p = normed + b * (R + 2 * N);
+            for (int64_t i0 = 0; i0 < I; i0 += 8) {
+                v8 d = load8(dt_bias + i0);
+                for (int64_t r = 0; r < R; ++r) d += splat(p[r]) * load8(dt_t + r * I + i0);
+                store8(&delta[i0], softplus8(d));
+                store8(&gate[i0], silu8(load8(z + b * sz_b + i0)));
+            }
+            float* state = ssm_cache + slots[b] * I * N;
+            const float* row_u = u + b * I;
+            for (int64_t i = 0; i < I; ++i) {
+                const v8 d8 = splat(delta[i]), du = splat(delta[i] * row_u[i]);
+                v8 acc = splat(0.0f);
+                for (int64_t n0 = 0; n0 < N; n0 += 8) {
+                    float* h = state + i * N + n0;
+                    v8 next = exp_nonpositive8(d8 * load8(A + i * N + n0)) * load8(h) + du * load8(p + R + n0);
+                    store8(h, next);
+                    acc += next * load8(p + R + N + n0);
+                }
+                float sum = 0.0f;
+                for (int c = 0; c < 8; ++c) sum += acc[c];
+                if (D) sum += D[i] * row_u[i];
+                y[b * I + i] = sum * gate[i];
+            }
+        }
+    });
+}
+
 }  // namespace
 
 extern "C" {
@@ -147,11 +183,14 @@ void jamba_conv_step(const float* x, int64_t sx_b, const float* weight, const fl
         float* row = out + b * I;
         for (int64_t i = 0; i < I; ++i) {
             float* w = window + i * W;
-            std::memmove(w, w + 1, (W - 1) * sizeof(float));
-            w[W - 1] = x[b * sx_b + i];
+            const float* k_weight = weight + i * W;
             float acc = bias ? bias[i] : 0.0f;
-            for (int64_t k = 0; k < W; ++k) acc += weight[i * W + k] * w[k];
-            row[i] = acc;
+            for (int64_t k = 0; k + 1 < W; ++k) {
+                w[k] = w[k + 1];
+                acc += k_weight[k] * w[k];
+            }
+            w[W - 1] = x[b * sx_b + i];
+            row[i] = acc + k_weight[W - 1] * w[W - 1];
         }
         for (int64_t i0 = 0; i0 < I; i0 += 8) store8(row + i0, silu8(load8(row + i0)));
     }
@@ -183,6 +222,10 @@ void jamba_scan(const float* u, const float* dbc, const float* z, int64_t sz_b, 
         for (int64_t n = 0; n < N; ++n) a_t[n * I + i] = A[i * N + n];
     }
 
+    if (L == 1 && ssm_cache && from_state && N % 8 == 0) {
+        scan_step(u, normed.data(), z, sz_b, dt_t.data(), dt_bias, A, D, y, ssm_cache, slots, B, I, N, R);
+        return;
+    }
     const int64_t blocks = I / 8;
     auto run = [&](int64_t first, int64_t last) {
         v8 h[kMaxState];
