@@ -13,7 +13,9 @@ W conv width, S cache slots. Activations are (B, L, I), channels last.
 import ctypes
 import functools
 import logging
+import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -124,6 +126,11 @@ def kernels() -> Kernels | None:
     from torch.utils.cpp_extension import load
 
     name, flags = _arch_flags()
+    # pip's ninja lives next to the interpreter, which is not on PATH when a virtual environment's python runs
+    # without the environment activated.
+    bin_dir = os.path.dirname(sys.executable)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join(filter(None, [bin_dir, os.environ.get("PATH")]))
     try:
         # -fopenmp makes at::parallel_for in the source run on PyTorch's OpenMP pool (the process already holds
         # the libgomp that torch ships, and the kernels link to that same library).
