@@ -265,9 +265,9 @@ class Attention(nn.Module):
     def forward(self, x, masks: "Masks", view: CacheView | None = None):
         batch, length, _ = x.shape
         mask = masks.attention
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, L, Dh)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = dense(self.q_proj, x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
+        k = dense(self.k_proj, x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, L, Dh)
+        v = dense(self.v_proj, x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
 
         if view is not None and not view.prefill:
             k, v, mask = self._append_and_read(k, v, view)
@@ -279,7 +279,7 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return dense(self.o_proj, out.transpose(1, 2).reshape(batch, length, -1))
 
     def _store_prompt(self, k, v, padding, view):
         """Copy the prompt's K and V into the slots; left padding is dropped, so each slot starts at position 0."""
@@ -367,7 +367,7 @@ class MambaMixer(nn.Module):
         channels = self.D.shape[0]
         if pad_mask is not None:
             x = x * pad_mask[..., None].to(x.dtype)
-        xz = self.in_proj(x)  # (B, L, 2I)
+        xz = dense(self.in_proj, x)  # (B, L, 2I)
         hidden, gate = xz[..., :channels], xz[..., channels:]
         conv_weight = self.conv1d.weight[:, 0, :].contiguous()  # (I, W)
         slots = conv_cache = ssm_cache = None
@@ -386,9 +386,9 @@ class MambaMixer(nn.Module):
                 u = u * pad_mask[..., None].to(u.dtype)
 
         norms = (self.dt_layernorm.weight, self.b_layernorm.weight, self.c_layernorm.weight)
-        y = kernels.scan(u, self.x_proj(u).contiguous(), gate, norms, self.dt_layernorm.eps, self.dt_proj.weight,
+        y = kernels.scan(u, dense(self.x_proj, u).contiguous(), gate, norms, self.dt_layernorm.eps, self.dt_proj.weight,
                          self.dt_proj.bias, -torch.exp(self.A_log), self.D, ssm_cache, slots, from_state=decode)
-        return self.out_proj(y)
+        return dense(self.out_proj, y)
 
     def _project(self, hidden):
         """hidden (B, L, I) -> delta (B, I, L) before bias and softplus, B and C (B, N, L), each RMS-normalised."""
@@ -422,7 +422,37 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return dense(self.down_proj, swiglu(dense(self.gate_proj, x), dense(self.up_proj, x)))
+
+
+def _inference_only(*tensors) -> bool:
+    """Whether no gradient can flow through an operation on these tensors."""
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
+def dense(module: nn.Linear, x):
+    """module(x); a plain fp32 nn.Linear on CPU takes the native small-batch kernel for up to 8 rows.
+
+    A decode step multiplies a few rows by every weight matrix, and reads each weight once in the kernel (MKL
+    repacks them per call at these sizes). Anything else, a peft-wrapped layer included, calls the module.
+    """
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (type(module) is nn.Linear and 0 < rows <= _MAX_LINEAR_ROWS and x.dtype == torch.float32
+            and x.device.type == "cpu" and x.shape[-1] % 8 == 0 and module.weight.dtype == torch.float32
+            and _inference_only(x, module.weight, module.bias)):
+        from jamba import native
+
+        kernels = native.kernels()
+        if kernels is not None:
+            flat = x.reshape(rows, x.shape[-1])
+            if flat.stride(-1) != 1:
+                flat = flat.contiguous()
+            out = kernels.linear_small(flat, module.weight.contiguous(), module.bias)
+            return out.view(*x.shape[:-1], out.shape[-1])
+    return module(x)
+
+
+_MAX_LINEAR_ROWS = 8  # jamba.native.MAX_LINEAR_ROWS, kept here so that importing the model builds nothing
 
 
 def swiglu(gate, up):
@@ -622,7 +652,7 @@ class Jamba(nn.Module):
             close_cache_view(view, length, attention_mask)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)
+        logits = dense(self.lm_head, x)
 
         aux_loss = None
         if view is None and router_logits:

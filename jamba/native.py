@@ -24,9 +24,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "mamba_cpu.cpp"
 MAX_STATE = 64  # kMaxState in the source
+MAX_LINEAR_ROWS = 8  # the largest M of jamba_linear_small
 
-_c_float_p = ctypes.POINTER(ctypes.c_float)
-_c_int64_p = ctypes.POINTER(ctypes.c_int64)
 
 
 def _cpu_flags() -> set[str]:
@@ -51,18 +50,31 @@ class Kernels:
 
     def __init__(self, path: str):
         lib = ctypes.CDLL(path)
-        f, i64, ci = _c_float_p, ctypes.c_int64, ctypes.c_int
+        # Pointers travel as plain integers (tensor.data_ptr()), the cheapest argument ctypes converts.
+        f, i64, ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self._conv = lib.jamba_conv
-        self._conv.argtypes = [f, i64, i64, f, f, f, f, _c_int64_p, i64, i64, i64, i64]
+        self._conv.argtypes = [f, i64, i64, f, f, f, f, f, i64, i64, i64, i64]
         self._conv_step = lib.jamba_conv_step
-        self._conv_step.argtypes = [f, i64, f, f, f, f, _c_int64_p, i64, i64, i64]
+        self._conv_step.argtypes = [f, i64, f, f, f, f, f, i64, i64, i64]
         self._scan = lib.jamba_scan
-        self._scan.argtypes = [f, f, f, i64, i64, f, f, f, ctypes.c_float, f, f, f, f, f, f, _c_int64_p, ci, f,
+        self._scan.argtypes = [f, f, f, i64, i64, f, f, f, ctypes.c_float, f, f, f, f, f, f, f, ci, f,
                                i64, i64, i64, i64, i64]
+        self._linear_small = lib.jamba_linear_small
+        self._linear_small.argtypes = [f, i64, f, f, f, i64, i64, i64]
         self._silu_mul = lib.jamba_silu_mul
         self._silu_mul.argtypes = [f, f, f, i64]
-        for fn in (self._conv, self._conv_step, self._scan, self._silu_mul):
+        for fn in (self._conv, self._conv_step, self._scan, self._silu_mul, self._linear_small):
             fn.restype = None
+
+    def linear_small(self, x, weight, bias=None) -> torch.Tensor:
+        """x (M, K) with unit column stride, M <= MAX_LINEAR_ROWS, K a multiple of 8 -> x @ weight^T + bias (M, N).
+
+        weight (N, K) and bias (N,) contiguous.
+        """
+        rows, size = x.shape
+        out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
+        self._linear_small(_ptr(x), x.stride(0), _ptr(weight), _ptr(bias), _ptr(out), rows, weight.shape[0], size)
+        return out
 
     def silu_mul(self, gate, up) -> torch.Tensor:
         """silu(gate) * up for contiguous fp32 tensors of one shape with a multiple of 8 elements."""
@@ -111,13 +123,10 @@ class Kernels:
 
 
 def _ptr(tensor):
-    if tensor is None:
-        return None
-    return ctypes.cast(tensor.data_ptr(), _c_float_p)
+    return None if tensor is None else tensor.data_ptr()
 
 
-def _slots_ptr(slots):
-    return None if slots is None else ctypes.cast(slots.data_ptr(), _c_int64_p)
+_slots_ptr = _ptr
 
 
 @functools.lru_cache(maxsize=None)

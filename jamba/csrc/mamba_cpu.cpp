@@ -139,9 +139,49 @@ void scan_step(const float* u, const float* normed, const float* z, int64_t sz_b
     });
 }
 
+// out (M, N) = x (M, K) @ weight (N, K)^T (+ bias) for M = ROWS: every weight row is read once for all rows of x,
+// with the ROWS accumulators in registers.
+template <int ROWS>
+void linear_rows(const float* x, int64_t sx, const float* weight, const float* bias, float* out, int64_t N,
+                 int64_t K) {
+    at::parallel_for(0, N, 64, [&](int64_t first, int64_t last) {
+        for (int64_t n = first; n < last; ++n) {
+            const float* w = weight + n * K;
+            v8 acc[ROWS];
+            for (int m = 0; m < ROWS; ++m) acc[m] = splat(0.0f);
+            for (int64_t k = 0; k < K; k += 8) {
+                const v8 w8 = load8(w + k);
+                for (int m = 0; m < ROWS; ++m) acc[m] += w8 * load8(x + m * sx + k);
+            }
+            for (int m = 0; m < ROWS; ++m) {
+                float sum = bias ? bias[n] : 0.0f;
+                for (int c = 0; c < 8; ++c) sum += acc[m][c];
+                out[m * N + n] = sum;
+            }
+        }
+    });
+}
+
 }  // namespace
 
 extern "C" {
+
+// out (M, N) = x (M, K) @ weight (N, K)^T (+ bias) for 1 <= M <= 8 and K a multiple of 8. At these sizes a
+// decode step is bound by reading the weights, and this reads each weight once, on all of PyTorch's threads.
+void jamba_linear_small(const float* x, int64_t sx, const float* weight, const float* bias, float* out, int64_t M,
+                        int64_t N, int64_t K) {
+    switch (M) {
+        case 1: return linear_rows<1>(x, sx, weight, bias, out, N, K);
+        case 2: return linear_rows<2>(x, sx, weight, bias, out, N, K);
+        case 3: return linear_rows<3>(x, sx, weight, bias, out, N, K);
+        case 4: return linear_rows<4>(x, sx, weight, bias, out, N, K);
+        case 5: return linear_rows<5>(x, sx, weight, bias, out, N, K);
+        case 6: return linear_rows<6>(x, sx, weight, bias, out, N, K);
+        case 7: return linear_rows<7>(x, sx, weight, bias, out, N, K);
+        default: return linear_rows<8>(x, sx, weight, bias, out, N, K);
+    }
+}
+
 
 // out (B, L, I) = silu(bias + causal depthwise conv of x), where x[b, t, i] is at x + b * sx_b + t * sx_t + i.
 // When conv_cache is given, the last W inputs of each row (zeros before the start) go to its slot's window.

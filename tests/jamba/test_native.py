@@ -52,6 +52,14 @@ def test_conv_matches_reference(kernels):
     assert (kernels.conv(x, weight, bias) - expected).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_small_linear_matches_torch(kernels, rows):
+    x = torch.randn(rows, 2, 96)[:, 1]  # rows apart in memory, as a slice of a larger batch is
+    weight, bias = torch.randn(200, 96), torch.randn(200)
+    assert (kernels.linear_small(x, weight, bias) - F.linear(x, weight, bias)).abs().max().item() < 1e-4
+    assert (kernels.linear_small(x, weight) - F.linear(x, weight)).abs().max().item() < 1e-4
+
+
 def test_silu_mul_matches_torch(kernels):
     gate, up = torch.randn(5, 3, 64) * 30, torch.randn(5, 3, 64)
     assert (kernels.silu_mul(gate, up) - F.silu(gate) * up).abs().max().item() < 1e-4
