@@ -28,40 +28,6 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def matmul_floor(model, batch: int, repeats: int) -> float:
-    """Seconds per decode step spent in the step's linear layers alone, replayed back to back.
-
-    Records every linear layer one decode step at this batch size runs (the routed experts included), then times
-    just those matrix products, through the same code path, on the same weights. What the step takes beyond this
-    is everything else: the scan, attention, routing, and Python.
-    """
-    import jamba.model
-
-    calls = []
-    original = jamba.model.dense
-
-    def recording(module, x):
-        calls.append((module, x.shape))
-        return original(module, x)
-
-    cache = model.new_cache(batch, 32)
-    with torch.no_grad():
-        model(torch.randint(3, model.args.vocab_size, (batch, 16)), cache=cache, slots=list(range(batch)))
-        jamba.model.dense = recording
-        try:
-            model(torch.randint(3, model.args.vocab_size, (batch, 1)), cache=cache, slots=list(range(batch)))
-        finally:
-            jamba.model.dense = original
-    inputs = [(module, torch.randn(shape)) for module, shape in calls]
-
-    def replay():
-        for module, x in inputs:
-            original(module, x)
-
-    with torch.no_grad():
-        return best_time(replay, repeats * 10)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -109,9 +75,6 @@ def main():
         with torch.no_grad():
             t_ours, t_theirs = best_time(run_ours, options.repeats), best_time(run_theirs, options.repeats)
         rows.append((f"decode batch {batch}, {new_tokens} new tokens (tokens/s)", batch * new_tokens / t_ours,
-                     batch * new_tokens / t_theirs))
-        floor = matmul_floor(ours, batch, options.repeats)
-        rows.append((f"decode batch {batch}: the step's matrix products alone (tokens/s)", batch / floor,
                      batch * new_tokens / t_theirs))
 
     print(f"\nthreads={options.threads}, torch {torch.__version__}, best of {options.repeats}\n")

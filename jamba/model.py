@@ -241,6 +241,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            native = _native_kernels(x, (self.weight,)) if x.is_contiguous() else None
+            if native is not None:
+                return native.rms_norm(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
         # Lower precision: normalise in fp32, round, then scale, in the order transformers' Jamba does.
         dtype = x.dtype
@@ -387,8 +390,15 @@ class MambaMixer(nn.Module):
 
         norms = (self.dt_layernorm.weight, self.b_layernorm.weight, self.c_layernorm.weight)
         y = kernels.scan(u, dense(self.x_proj, u).contiguous(), gate, norms, self.dt_layernorm.eps, self.dt_proj.weight,
-                         self.dt_proj.bias, -torch.exp(self.A_log), self.D, ssm_cache, slots, from_state=decode)
+                         self.dt_proj.bias, self._negative_A(), self.D, ssm_cache, slots, from_state=decode)
         return dense(self.out_proj, y)
+
+    def _negative_A(self):
+        """-exp(A_log), computed again only when A_log changes (its storage or its in-place version)."""
+        key = (self.A_log.data_ptr(), self.A_log._version)
+        if getattr(self, "_A_key", None) != key:
+            self._A, self._A_key = -torch.exp(self.A_log.detach()), key
+        return self._A
 
     def _project(self, hidden):
         """hidden (B, L, I) -> delta (B, I, L) before bias and softplus, B and C (B, N, L), each RMS-normalised."""
@@ -422,7 +432,37 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x):
+        native = _native_kernels(x, self.plain_weights())
+        if native is not None:
+            flat = x.reshape(-1, x.shape[-1]).contiguous()
+            return native.mlp_small(flat, *self.plain_weights()).view_as(x)
         return dense(self.down_proj, swiglu(dense(self.gate_proj, x), dense(self.up_proj, x)))
+
+    def plain_weights(self):
+        """(gate, up, down) weights when all three are plain contiguous fp32 nn.Linear without bias, else None."""
+        modules = self._modules  # directly: nn.Module attribute lookups cost more than the rest of this check
+        layers = (modules["gate_proj"], modules["up_proj"], modules["down_proj"])
+        weights = []
+        for layer in layers:
+            if type(layer) is not nn.Linear:
+                return None
+            params = layer._parameters
+            weight = params["weight"]
+            if params["bias"] is not None or weight.dtype != torch.float32 or not weight.is_contiguous():
+                return None
+            weights.append(weight)
+        return tuple(weights)
+
+
+def _native_kernels(x, weights):
+    """The native kernels if they can run a small-batch product of x (..., D) with these weights, else None."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (weights is None or not 0 < rows <= _MAX_LINEAR_ROWS or x.dtype != torch.float32 or x.device.type != "cpu"
+            or x.shape[-1] % 8 or weights[0].shape[0] % 8 or not _inference_only(x, *weights)):
+        return None
+    from jamba import native
+
+    return native.kernels()
 
 
 def _inference_only(*tensors) -> bool:
@@ -431,7 +471,7 @@ def _inference_only(*tensors) -> bool:
 
 
 def dense(module: nn.Linear, x):
-    """module(x); a plain fp32 nn.Linear on CPU takes the native small-batch kernel for up to 8 rows.
+    """module(x); a plain fp32 nn.Linear on CPU takes the native small-batch kernel for up to 64 rows.
 
     A decode step multiplies a few rows by every weight matrix, and reads each weight once in the kernel (MKL
     repacks them per call at these sizes). Anything else, a peft-wrapped layer included, calls the module.
@@ -452,7 +492,7 @@ def dense(module: nn.Linear, x):
     return module(x)
 
 
-_MAX_LINEAR_ROWS = 8  # jamba.native.MAX_LINEAR_ROWS, kept here so that importing the model builds nothing
+_MAX_LINEAR_ROWS = 64  # jamba.native.MAX_LINEAR_ROWS, kept here so that importing the model builds nothing
 
 
 def swiglu(gate, up):
@@ -510,6 +550,10 @@ def run_experts(modules, expert_ids, x, weights, experts):
     x (T, D), weights and experts (T, K); modules[j] is the expert expert_ids[j]. Used by the local MoE and by the
     expert shards, so that both do the same arithmetic.
     """
+    mlps = [module.plain_weights() for module in modules]
+    native = None if any(m is None for m in mlps) else _native_kernels(x, mlps[0])
+    if native is not None:
+        return native.moe_small(x.contiguous(), weights.float().contiguous(), experts.contiguous(), expert_ids, mlps)
     out = torch.zeros_like(x)
     routed = set(experts.unique().tolist())  # in a decode step most experts get no token
     for module, expert in zip(modules, expert_ids):

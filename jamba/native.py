@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "mamba_cpu.cpp"
 MAX_STATE = 64  # kMaxState in the source
-MAX_LINEAR_ROWS = 8  # the largest M of jamba_linear_small
+MAX_LINEAR_ROWS = 64  # rows up to which the small-batch products beat MKL here (decode steps)
 
 
 
@@ -61,9 +61,17 @@ class Kernels:
                                i64, i64, i64, i64, i64]
         self._linear_small = lib.jamba_linear_small
         self._linear_small.argtypes = [f, i64, f, f, f, i64, i64, i64]
+        self._mlp_small = lib.jamba_mlp_small
+        self._mlp_small.argtypes = [f, f, f, f, f, i64, i64, i64]
+        self._moe_small = lib.jamba_moe_small
+        self._moe_small.argtypes = [f, f, f, i64, i64, f, f, f, f, i64, f, i64, i64]
+        self._rms_norm = lib.jamba_rms_norm
+        self._rms_norm.argtypes = [f, f, f, i64, i64, ctypes.c_float]
         self._silu_mul = lib.jamba_silu_mul
         self._silu_mul.argtypes = [f, f, f, i64]
-        for fn in (self._conv, self._conv_step, self._scan, self._silu_mul, self._linear_small):
+        self._expert_tables = {}  # (expert ids, gate weight addresses) -> address tables of jamba_moe_small
+        for fn in (self._conv, self._conv_step, self._scan, self._silu_mul, self._linear_small, self._mlp_small,
+                   self._moe_small, self._rms_norm):
             fn.restype = None
 
     def linear_small(self, x, weight, bias=None) -> torch.Tensor:
@@ -74,6 +82,40 @@ class Kernels:
         rows, size = x.shape
         out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
         self._linear_small(_ptr(x), x.stride(0), _ptr(weight), _ptr(bias), _ptr(out), rows, weight.shape[0], size)
+        return out
+
+    def mlp_small(self, x, gate, up, down) -> torch.Tensor:
+        """The SwiGLU MLP down(silu(gate(x)) * up(x)) for x (M, D) contiguous, M <= MAX_LINEAR_ROWS.
+
+        gate and up (F, D), down (D, F), contiguous, without biases; D and F multiples of 8.
+        """
+        out = torch.empty_like(x)
+        self._mlp_small(_ptr(x), _ptr(gate), _ptr(up), _ptr(down), _ptr(out), x.shape[0], x.shape[1], gate.shape[0])
+        return out
+
+    def moe_small(self, x, weights, experts, ids, mlps) -> torch.Tensor:
+        """jamba.model.run_experts for x (T, D) contiguous, T <= MAX_LINEAR_ROWS.
+
+        weights (T, K) fp32 and experts (T, K) int64, contiguous; mlps[j] = (gate, up, down) weights of expert
+        ids[j], as in `mlp_small`.
+        """
+        tokens, k = experts.shape
+        key = (tuple(ids), *(m[0].data_ptr() for m in mlps))
+        tables = self._expert_tables.get(key)
+        if tables is None or any(t.data_ptr() != p for t, p in zip(tables[1], (m[1].data_ptr() for m in mlps))):
+            pointers = torch.tensor([[m[i].data_ptr() for m in mlps] for i in range(3)], dtype=torch.int64)
+            # The tensors ride along so that the addresses stay valid while the entry exists.
+            tables = self._expert_tables[key] = (pointers, [m[1] for m in mlps], torch.tensor(list(ids)), mlps)
+        pointers, _, ids, _ = tables
+        out = torch.empty_like(x)
+        self._moe_small(_ptr(x), _ptr(weights), _ptr(experts), tokens, k, _ptr(ids), _ptr(pointers[0]),
+                        _ptr(pointers[1]), _ptr(pointers[2]), len(mlps), _ptr(out), x.shape[1], mlps[0][0].shape[0])
+        return out
+
+    def rms_norm(self, x, weight, eps: float) -> torch.Tensor:
+        """RMSNorm of the last dimension of contiguous fp32 x, as torch's rms_norm computes it."""
+        out = torch.empty_like(x)
+        self._rms_norm(_ptr(x), _ptr(weight), _ptr(out), x.numel() // x.shape[-1], x.shape[-1], eps)
         return out
 
     def silu_mul(self, gate, up) -> torch.Tensor:

@@ -104,84 +104,104 @@ void rms_norm(float* x, const float* weight, int64_t n, float eps) {
 }
 
 // One token per row from the cached state, with vectors along the state dimension: the state of a channel is
-// N contiguous floats in the cache, so it is read and written in place. delta and the gate are first computed
-// for all channels of a row with vectors along the channels. normed is (B, R + 2N) after the norms, dt_t (R, I).
+// N contiguous floats in the cache, so it is read and written in place. Threads take ranges of 64 channels; for
+// each row, delta and the gate of eight channels are computed with vectors along the channels first. normed is
+// (B, R + 2N) after the norms, dt_t (R, I).
 void scan_step(const float* u, const float* normed, const float* z, int64_t sz_b, const float* dt_t,
                const float* dt_bias, const float* A, const float* D, float* y, float* ssm_cache,
                const int64_t* slots, int64_t B, int64_t I, int64_t N, int64_t R) {
-    parallel_for(B, B * I >= kSplitWork, [&](int64_t first, int64_t last) {
-        std::vector<float> delta(I), gate(I);
-        for (int64_t b = first; b < last; ++b) {
+    auto run = [&](int64_t first, int64_t last) {  // blocks of eight channels
+        float delta[8], gate[8];
+        for (int64_t b = 0; b < B; ++b) {
             const float* p = normed + b * (R + 2 * N);
-            for (int64_t i0 = 0; i0 < I; i0 += 8) {
-                v8 d = load8(dt_bias + i0);
-                for (int64_t r = 0; r < R; ++r) d += splat(p[r]) * load8(dt_t + r * I + i0);
-                store8(&delta[i0], softplus8(d));
-                store8(&gate[i0], silu8(load8(z + b * sz_b + i0)));
-            }
             float* state = ssm_cache + slots[b] * I * N;
             const float* row_u = u + b * I;
-            for (int64_t i = 0; i < I; ++i) {
-                const v8 d8 = splat(delta[i]), du = splat(delta[i] * row_u[i]);
-                v8 acc = splat(0.0f);
-                for (int64_t n0 = 0; n0 < N; n0 += 8) {
-                    float* h = state + i * N + n0;
-                    v8 next = exp_nonpositive8(d8 * load8(A + i * N + n0)) * load8(h) + du * load8(p + R + n0);
-                    store8(h, next);
-                    acc += next * load8(p + R + N + n0);
+            for (int64_t block = first; block < last; ++block) {
+                const int64_t i0 = block * 8;
+                v8 d = load8(dt_bias + i0);
+                for (int64_t r = 0; r < R; ++r) d += splat(p[r]) * load8(dt_t + r * I + i0);
+                store8(delta, softplus8(d));
+                store8(gate, silu8(load8(z + b * sz_b + i0)));
+                for (int c = 0; c < 8; ++c) {
+                    const int64_t i = i0 + c;
+                    const v8 d8 = splat(delta[c]), du = splat(delta[c] * row_u[i]);
+                    v8 acc = splat(0.0f);
+                    for (int64_t n0 = 0; n0 < N; n0 += 8) {
+                        float* h = state + i * N + n0;
+                        v8 next = exp_nonpositive8(d8 * load8(A + i * N + n0)) * load8(h) + du * load8(p + R + n0);
+                        store8(h, next);
+                        acc += next * load8(p + R + N + n0);
+                    }
+                    float sum = 0.0f;
+                    for (int k = 0; k < 8; ++k) sum += acc[k];
+                    if (D) sum += D[i] * row_u[i];
+                    y[b * I + i] = sum * gate[c];
                 }
-                float sum = 0.0f;
-                for (int c = 0; c < 8; ++c) sum += acc[c];
-                if (D) sum += D[i] * row_u[i];
-                y[b * I + i] = sum * gate[i];
+            }
+        }
+    };
+    if (B * I * N >= (1 << 14)) {
+        at::parallel_for(0, I / 8, 8, run);
+    } else {
+        run(0, I / 8);
+    }
+}
+
+// out[m, n] = x[m] . weight[n] (+ bias[n]) for ROWS rows of x and the weight rows [first, last).
+template <int ROWS>
+void dot_rows(const float* x, int64_t sx, const float* weight, const float* bias, float* out, int64_t N,
+              int64_t first, int64_t last, int64_t K) {
+    for (int64_t n = first; n < last; ++n) {
+        const float* w = weight + n * K;
+        v8 acc[ROWS];
+        for (int m = 0; m < ROWS; ++m) acc[m] = splat(0.0f);
+        for (int64_t k = 0; k < K; k += 8) {
+            const v8 w8 = load8(w + k);
+            for (int m = 0; m < ROWS; ++m) acc[m] += w8 * load8(x + m * sx + k);
+        }
+        for (int m = 0; m < ROWS; ++m) {
+            float sum = bias ? bias[n] : 0.0f;
+            for (int c = 0; c < 8; ++c) sum += acc[m][c];
+            out[m * N + n] = sum;
+        }
+    }
+}
+
+// out (M, N) = x (M, K) @ weight (N, K)^T (+ bias), K a multiple of 8. Threads take slices of 64 weight rows; each
+// slice (64 K floats, in L2) serves the rows of x eight at a time, so the weights come from memory once.
+void linear_small(const float* x, int64_t sx, const float* weight, const float* bias, float* out, int64_t M,
+                  int64_t N, int64_t K) {
+    at::parallel_for(0, N, 64, [&](int64_t first, int64_t last) {
+        for (int64_t m0 = 0; m0 < M; m0 += 8) {
+            const float* xs = x + m0 * sx;
+            float* os = out + m0 * N;
+            switch (M - m0 < 8 ? M - m0 : 8) {
+                case 1: dot_rows<1>(xs, sx, weight, bias, os, N, first, last, K); break;
+                case 2: dot_rows<2>(xs, sx, weight, bias, os, N, first, last, K); break;
+                case 3: dot_rows<3>(xs, sx, weight, bias, os, N, first, last, K); break;
+                case 4: dot_rows<4>(xs, sx, weight, bias, os, N, first, last, K); break;
+                case 5: dot_rows<5>(xs, sx, weight, bias, os, N, first, last, K); break;
+                case 6: dot_rows<6>(xs, sx, weight, bias, os, N, first, last, K); break;
+                case 7: dot_rows<7>(xs, sx, weight, bias, os, N, first, last, K); break;
+                default: dot_rows<8>(xs, sx, weight, bias, os, N, first, last, K); break;
             }
         }
     });
 }
 
-// out (M, N) = x (M, K) @ weight (N, K)^T (+ bias) for M = ROWS: every weight row is read once for all rows of x,
-// with the ROWS accumulators in registers.
-template <int ROWS>
-void linear_rows(const float* x, int64_t sx, const float* weight, const float* bias, float* out, int64_t N,
-                 int64_t K) {
-    at::parallel_for(0, N, 64, [&](int64_t first, int64_t last) {
-        for (int64_t n = first; n < last; ++n) {
-            const float* w = weight + n * K;
-            v8 acc[ROWS];
-            for (int m = 0; m < ROWS; ++m) acc[m] = splat(0.0f);
-            for (int64_t k = 0; k < K; k += 8) {
-                const v8 w8 = load8(w + k);
-                for (int m = 0; m < ROWS; ++m) acc[m] += w8 * load8(x + m * sx + k);
-            }
-            for (int m = 0; m < ROWS; ++m) {
-                float sum = bias ? bias[n] : 0.0f;
-                for (int c = 0; c < 8; ++c) sum += acc[m][c];
-                out[m * N + n] = sum;
-            }
-        }
-    });
+// out (M, D) = (silu(x Wg^T) * (x Wu^T)) Wd^T for x (M, D) contiguous, Wg and Wu (F, D), Wd (D, F).
+void swiglu_mlp(const float* x, const float* gate, const float* up, const float* down, float* out, int64_t M,
+                int64_t D, int64_t F) {
+    std::vector<float> g(M * F), u(M * F);
+    linear_small(x, D, gate, nullptr, g.data(), M, F, D);
+    linear_small(x, D, up, nullptr, u.data(), M, F, D);
+    for (int64_t j = 0; j < M * F; j += 8) store8(&g[j], silu8(load8(&g[j])) * load8(&u[j]));
+    linear_small(g.data(), F, down, nullptr, out, M, D, F);
 }
 
 }  // namespace
 
 extern "C" {
-
-// out (M, N) = x (M, K) @ weight (N, K)^T (+ bias) for 1 <= M <= 8 and K a multiple of 8. At these sizes a
-// decode step is bound by reading the weights, and this reads each weight once, on all of PyTorch's threads.
-void jamba_linear_small(const float* x, int64_t sx, const float* weight, const float* bias, float* out, int64_t M,
-                        int64_t N, int64_t K) {
-    switch (M) {
-        case 1: return linear_rows<1>(x, sx, weight, bias, out, N, K);
-        case 2: return linear_rows<2>(x, sx, weight, bias, out, N, K);
-        case 3: return linear_rows<3>(x, sx, weight, bias, out, N, K);
-        case 4: return linear_rows<4>(x, sx, weight, bias, out, N, K);
-        case 5: return linear_rows<5>(x, sx, weight, bias, out, N, K);
-        case 6: return linear_rows<6>(x, sx, weight, bias, out, N, K);
-        case 7: return linear_rows<7>(x, sx, weight, bias, out, N, K);
-        default: return linear_rows<8>(x, sx, weight, bias, out, N, K);
-    }
-}
-
 
 // out (B, L, I) = silu(bias + causal depthwise conv of x), where x[b, t, i] is at x + b * sx_b + t * sx_t + i.
 // When conv_cache is given, the last W inputs of each row (zeros before the start) go to its slot's window.
@@ -300,6 +320,60 @@ void jamba_scan(const float* u, const float* dbc, const float* z, int64_t sz_b, 
         }
     };
     parallel_for(B * blocks, B * L * I >= kSplitWork, run);
+}
+
+// out (M, N) = x (M, K) @ weight (N, K)^T (+ bias) for a few rows (decode steps), K a multiple of 8; x's rows are
+// sx floats apart. At these sizes a step is bound by reading the weights, and this reads each once, on all of
+// PyTorch's threads (MKL repacks the weights on every call).
+void jamba_linear_small(const float* x, int64_t sx, const float* weight, const float* bias, float* out, int64_t M,
+                        int64_t N, int64_t K) {
+    linear_small(x, sx, weight, bias, out, M, N, K);
+}
+
+// The SwiGLU MLP of jamba.model.MLP for a few rows: out (M, D) from x (M, D) contiguous; D and F multiples of 8.
+void jamba_mlp_small(const float* x, const float* gate, const float* up, const float* down, float* out, int64_t M,
+                     int64_t D, int64_t F) {
+    swiglu_mlp(x, gate, up, down, out, M, D, F);
+}
+
+// jamba.model.run_experts for a few tokens: out (T, D) = sum over (t, k) with experts[t, k] among the E given
+// experts of weights[t, k] * mlp_e(x[t]). Expert e has id ids[e] and weights at the addresses gates[e], ups[e],
+// downs[e]. Each expert runs once on the rows routed to it, so its weights are read once.
+void jamba_moe_small(const float* x, const float* weights, const int64_t* experts, int64_t T, int64_t K,
+                     const int64_t* ids, const int64_t* gates, const int64_t* ups, const int64_t* downs, int64_t E,
+                     float* out, int64_t D, int64_t F) {
+    std::memset(out, 0, T * D * sizeof(float));
+    std::vector<float> rows(T * D), results(T * D);
+    std::vector<int64_t> token(T);
+    std::vector<float> scale(T);
+    for (int64_t e = 0; e < E; ++e) {
+        int64_t count = 0;
+        for (int64_t t = 0; t < T; ++t) {
+            for (int64_t k = 0; k < K; ++k) {
+                if (experts[t * K + k] != ids[e]) continue;
+                token[count] = t;
+                scale[count] = weights[t * K + k];
+                std::memcpy(&rows[count * D], x + t * D, D * sizeof(float));
+                ++count;
+            }
+        }
+        if (!count) continue;
+        swiglu_mlp(rows.data(), reinterpret_cast<const float*>(gates[e]), reinterpret_cast<const float*>(ups[e]),
+                   reinterpret_cast<const float*>(downs[e]), results.data(), count, D, F);
+        for (int64_t i = 0; i < count; ++i) {
+            float* o = out + token[i] * D;
+            const float* r = &results[i * D];
+            for (int64_t j = 0; j < D; ++j) o[j] += scale[i] * r[j];
+        }
+    }
+}
+
+// RMSNorm of each of `rows` rows of n values (x contiguous) into out.
+void jamba_rms_norm(const float* x, const float* weight, float* out, int64_t rows, int64_t n, float eps) {
+    for (int64_t r = 0; r < rows; ++r) {
+        std::memcpy(out + r * n, x + r * n, n * sizeof(float));
+        rms_norm(out + r * n, weight, n, eps);
+    }
 }
 
 // out = silu(gate) * up over n values (n a multiple of 8): the SwiGLU product in one pass over memory.
