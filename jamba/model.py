@@ -267,6 +267,10 @@ class Attention(nn.Module):
 
     def forward(self, x, masks: "Masks", view: CacheView | None = None):
         batch, length, _ = x.shape
+        if view is not None and not view.prefill:
+            native = _native_for_decode(x, view.cache.keys[self.layer_idx])
+            if native is not None:
+                return self._step_native(x, view, native)
         mask = masks.attention
         q = dense(self.q_proj, x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
         k = dense(self.k_proj, x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, L, Dh)
@@ -283,6 +287,17 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
         return dense(self.o_proj, out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _step_native(self, x, view, native):
+        """A decode step with the cache update and the attention in one native call."""
+        batch = x.shape[0]
+        q = dense(self.q_proj, x).view(batch, self.num_heads, self.head_dim)
+        k = dense(self.k_proj, x).view(batch, self.num_kv_heads, self.head_dim)
+        v = dense(self.v_proj, x).view(batch, self.num_kv_heads, self.head_dim)
+        cache = view.cache
+        out = native.attention_step(q.contiguous(), k.contiguous(), v.contiguous(), cache.keys[self.layer_idx],
+                                    cache.values[self.layer_idx], view.slots, view.positions.contiguous())
+        return dense(self.o_proj, out.view(batch, 1, -1))
 
     def _store_prompt(self, k, v, padding, view):
         """Copy the prompt's K and V into the slots; left padding is dropped, so each slot starts at position 0."""
@@ -456,9 +471,16 @@ class MLP(nn.Module):
 
 def _native_kernels(x, weights):
     """The native kernels if they can run a small-batch product of x (..., D) with these weights, else None."""
+    if weights is None or x.shape[-1] % 8 or weights[0].shape[0] % 8:
+        return None
+    return _native_for_decode(x, *weights)
+
+
+def _native_for_decode(x, *tensors):
+    """The native kernels for a decode-sized fp32 CPU inference call on x and these tensors, else None."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (weights is None or not 0 < rows <= _MAX_LINEAR_ROWS or x.dtype != torch.float32 or x.device.type != "cpu"
-            or x.shape[-1] % 8 or weights[0].shape[0] % 8 or not _inference_only(x, *weights)):
+    if (not 0 < rows <= _MAX_LINEAR_ROWS or x.dtype != torch.float32 or x.device.type != "cpu"
+            or any(t.dtype != torch.float32 for t in tensors) or not _inference_only(x, *tensors)):
         return None
     from jamba import native
 
@@ -476,18 +498,15 @@ def dense(module: nn.Linear, x):
     A decode step multiplies a few rows by every weight matrix, and reads each weight once in the kernel (MKL
     repacks them per call at these sizes). Anything else, a peft-wrapped layer included, calls the module.
     """
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (type(module) is nn.Linear and 0 < rows <= _MAX_LINEAR_ROWS and x.dtype == torch.float32
-            and x.device.type == "cpu" and x.shape[-1] % 8 == 0 and module.weight.dtype == torch.float32
-            and _inference_only(x, module.weight, module.bias)):
-        from jamba import native
-
-        kernels = native.kernels()
-        if kernels is not None:
+    if type(module) is nn.Linear and x.shape[-1] % 8 == 0:
+        params = module._parameters
+        native = _native_for_decode(x, params["weight"])
+        if native is not None and params["weight"].is_contiguous():
+            rows = x.numel() // x.shape[-1]
             flat = x.reshape(rows, x.shape[-1])
             if flat.stride(-1) != 1:
                 flat = flat.contiguous()
-            out = kernels.linear_small(flat, module.weight.contiguous(), module.bias)
+            out = native.linear_small(flat, params["weight"], params["bias"])
             return out.view(*x.shape[:-1], out.shape[-1])
     return module(x)
 

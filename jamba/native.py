@@ -67,11 +67,13 @@ class Kernels:
         self._moe_small.argtypes = [f, f, f, i64, i64, f, f, f, f, i64, f, i64, i64]
         self._rms_norm = lib.jamba_rms_norm
         self._rms_norm.argtypes = [f, f, f, i64, i64, ctypes.c_float]
+        self._attention_step = lib.jamba_attention_step
+        self._attention_step.argtypes = [f, f, f, f, f, f, f, f, i64, i64, i64, i64, i64, ctypes.c_float]
         self._silu_mul = lib.jamba_silu_mul
         self._silu_mul.argtypes = [f, f, f, i64]
         self._expert_tables = {}  # (expert ids, gate weight addresses) -> address tables of jamba_moe_small
         for fn in (self._conv, self._conv_step, self._scan, self._silu_mul, self._linear_small, self._mlp_small,
-                   self._moe_small, self._rms_norm):
+                   self._moe_small, self._rms_norm, self._attention_step):
             fn.restype = None
 
     def linear_small(self, x, weight, bias=None) -> torch.Tensor:
@@ -110,6 +112,18 @@ class Kernels:
         out = torch.empty_like(x)
         self._moe_small(_ptr(x), _ptr(weights), _ptr(experts), tokens, k, _ptr(ids), _ptr(pointers[0]),
                         _ptr(pointers[1]), _ptr(pointers[2]), len(mlps), _ptr(out), x.shape[1], mlps[0][0].shape[0])
+        return out
+
+    def attention_step(self, q, k, v, keys, values, slots, positions) -> torch.Tensor:
+        """One decode step of attention from the cache: q (B, H, Dh), k and v (B, G, Dh), contiguous.
+
+        Stores k and v at `positions` (B,) of `slots` (B,) in keys and values (S, G, T, Dh), then attends over
+        each slot's positions up to and including the new one, scaled by 1/sqrt(Dh). Returns (B, H, Dh).
+        """
+        batch, heads, size = q.shape
+        out = torch.empty_like(q)
+        self._attention_step(_ptr(q), _ptr(k), _ptr(v), _ptr(keys), _ptr(values), _ptr(slots), _ptr(positions),
+                             _ptr(out), batch, heads, k.shape[1], keys.shape[2], size, size ** -0.5)
         return out
 
     def rms_norm(self, x, weight, eps: float) -> torch.Tensor:

@@ -368,6 +368,52 @@ void jamba_moe_small(const float* x, const float* weights, const int64_t* expert
     }
 }
 
+// One decode step of grouped-query attention straight from the cache. For each row b: K and V of the new token
+// (k, v: (B, G, Dh)) go to position positions[b] of slot slots[b] (keys, values: (S, G, T, Dh)), and each of the H
+// query heads (q: (B, H, Dh)) attends over positions 0..positions[b] of its group (head h uses group h / (H / G))
+// with softmax(q . k * scale). out is (B, H, Dh).
+void jamba_attention_step(const float* q, const float* k, const float* v, float* keys, float* values,
+                          const int64_t* slots, const int64_t* positions, float* out, int64_t B, int64_t H,
+                          int64_t G, int64_t T, int64_t Dh, float scale) {
+    for (int64_t b = 0; b < B; ++b) {
+        for (int64_t g = 0; g < G; ++g) {
+            const int64_t base = (slots[b] * G + g) * T * Dh;
+            std::memcpy(keys + base + positions[b] * Dh, k + (b * G + g) * Dh, Dh * sizeof(float));
+            std::memcpy(values + base + positions[b] * Dh, v + (b * G + g) * Dh, Dh * sizeof(float));
+        }
+    }
+    const int64_t per_group = H / G;
+    parallel_for(B * H, B * H * T * Dh >= kSplitWork, [&](int64_t first, int64_t last) {
+        std::vector<float> scores;
+        for (int64_t task = first; task < last; ++task) {
+            const int64_t b = task / H, h = task % H, span = positions[b] + 1;
+            const int64_t base = (slots[b] * G + h / per_group) * T * Dh;
+            const float* query = q + (b * H + h) * Dh;
+            scores.resize(span);
+            float top = -3.4e38f;
+            for (int64_t t = 0; t < span; ++t) {
+                const float* key = keys + base + t * Dh;
+                float dot = 0.0f;
+                for (int64_t d = 0; d < Dh; ++d) dot += query[d] * key[d];
+                scores[t] = dot * scale;
+                top = scores[t] > top ? scores[t] : top;
+            }
+            float total = 0.0f;
+            for (int64_t t = 0; t < span; ++t) {
+                scores[t] = __builtin_expf(scores[t] - top);
+                total += scores[t];
+            }
+            float* o = out + (b * H + h) * Dh;
+            for (int64_t d = 0; d < Dh; ++d) o[d] = 0.0f;
+            for (int64_t t = 0; t < span; ++t) {
+                const float* value = values + base + t * Dh;
+                const float weight = scores[t] / total;
+                for (int64_t d = 0; d < Dh; ++d) o[d] += weight * value[d];
+            }
+        }
+    });
+}
+
 // RMSNorm of each of `rows` rows of n values (x contiguous) into out.
 void jamba_rms_norm(const float* x, const float* weight, float* out, int64_t rows, int64_t n, float eps) {
     for (int64_t r = 0; r < rows; ++r) {
