@@ -380,6 +380,23 @@ class MambaMixer(nn.Module):
                 and type(self.dt_proj) is nn.Linear and type(self.conv1d) is nn.Conv1d
                 and self.D.shape[0] % 8 == 0 and self.d_state <= MAX_STATE)
 
+    def step_with_residual(self, x, norm: "RMSNorm", view: CacheView):
+        """x + self(norm(x)) for a decode step in one native call, or None where that does not apply."""
+        kernels = ssm.resolve_kernels(self.scan_setting, x.device.type).native
+        if kernels is None or not x.is_contiguous() or x.shape[-1] % 8 or self.d_state % 8:
+            return None
+        linears = (self.in_proj, self.x_proj, self.out_proj)
+        if any(type(m) is not nn.Linear for m in linears) or not self._native_applies(x):
+            return None
+        params = (norm.weight, *(m.weight for m in linears), self.conv1d.weight, self.dt_proj.weight, self.D)
+        if _native_for_decode(x, *params) is None or not all(p.is_contiguous() for p in params):
+            return None
+        rows = x.shape[0] * x.shape[1]
+        cache = view.cache
+        out = kernels.mamba_step(x.view(rows, -1), norm, self, cache.conv[self.layer_idx], cache.ssm[self.layer_idx],
+                                 view.slots, self._negative_A())
+        return out.view_as(x)
+
     def _forward_native(self, x, pad_mask, view, kernels):
         """The mixer in channels-last layout, with the conv and the scan (norms, dt, gate included) in C++."""
         channels = self.D.shape[0]
@@ -602,11 +619,15 @@ class JambaLayer(nn.Module):
 
         `dispatch` runs the experts of an MoE layer elsewhere (see `SparseMoE.forward`).
         """
-        h = self.input_layernorm(x)
-        if self.kind.mixer == "attention":
-            x = x + self.self_attn(h, masks, view)
+        fused = None
+        if self.kind.mixer == "mamba" and view is not None and not view.prefill:
+            fused = self.mamba.step_with_residual(x, self.input_layernorm, view)
+        if fused is not None:
+            x = fused
+        elif self.kind.mixer == "attention":
+            x = x + self.self_attn(self.input_layernorm(x), masks, view)
         else:
-            x = x + self.mamba(h, masks.padding, view)
+            x = x + self.mamba(self.input_layernorm(x), masks.padding, view)
 
         h = self.pre_ff_layernorm(x)
         if self.kind.has_experts:

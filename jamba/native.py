@@ -69,11 +69,15 @@ class Kernels:
         self._rms_norm.argtypes = [f, f, f, i64, i64, ctypes.c_float]
         self._attention_step = lib.jamba_attention_step
         self._attention_step.argtypes = [f, f, f, f, f, f, f, f, i64, i64, i64, i64, i64, ctypes.c_float]
+        self._mamba_step = lib.jamba_mamba_step
+        c_float = ctypes.c_float
+        self._mamba_step.argtypes = [f, f, c_float, f, f, f, f, f, f, f, f, f, c_float, f, f, f, f, f, f, f, f, f,
+                                     i64, i64, i64, i64, i64, i64]
         self._silu_mul = lib.jamba_silu_mul
         self._silu_mul.argtypes = [f, f, f, i64]
         self._expert_tables = {}  # (expert ids, gate weight addresses) -> address tables of jamba_moe_small
         for fn in (self._conv, self._conv_step, self._scan, self._silu_mul, self._linear_small, self._mlp_small,
-                   self._moe_small, self._rms_norm, self._attention_step):
+                   self._moe_small, self._rms_norm, self._attention_step, self._mamba_step):
             fn.restype = None
 
     def linear_small(self, x, weight, bias=None) -> torch.Tensor:
@@ -124,6 +128,25 @@ class Kernels:
         out = torch.empty_like(q)
         self._attention_step(_ptr(q), _ptr(k), _ptr(v), _ptr(keys), _ptr(values), _ptr(slots), _ptr(positions),
                              _ptr(out), batch, heads, k.shape[1], keys.shape[2], size, size ** -0.5)
+        return out
+
+    def mamba_step(self, x, norm, mixer, conv_cache, ssm_cache, slots, A) -> torch.Tensor:
+        """x + mixer(norm(x)) for one decode step of rows x (B, Dm), contiguous (see jamba_mamba_step).
+
+        norm is the block's RMSNorm and mixer its MambaMixer, both with plain fp32 contiguous parameters; A is
+        -exp(mixer.A_log).
+        """
+        batch, width = x.shape
+        channels, size = A.shape
+        out = torch.empty_like(x)
+        m = mixer
+        self._mamba_step(
+            _ptr(x), _ptr(norm.weight), norm.eps, _ptr(m.in_proj.weight), _ptr(m.in_proj.bias),
+            _ptr(m.conv1d.weight), _ptr(m.conv1d.bias), _ptr(conv_cache), _ptr(m.x_proj.weight),
+            _ptr(m.dt_layernorm.weight), _ptr(m.b_layernorm.weight), _ptr(m.c_layernorm.weight), m.dt_layernorm.eps,
+            _ptr(m.dt_proj.weight), _ptr(m.dt_proj.bias), _ptr(A), _ptr(m.D), _ptr(m.out_proj.weight),
+            _ptr(m.out_proj.bias), _ptr(ssm_cache), _ptr(slots), _ptr(out), batch, width, channels, size,
+            m.dt_proj.weight.shape[1], m.conv1d.weight.shape[-1])
         return out
 
     def rms_norm(self, x, weight, eps: float) -> torch.Tensor:

@@ -322,6 +322,27 @@ void jamba_scan(const float* u, const float* dbc, const float* z, int64_t sz_b, 
     parallel_for(B * blocks, B * L * I >= kSplitWork, run);
 }
 
+// The first half of a Mamba block for one decode step of B rows x (B, Dm), contiguous:
+//   out = x + out_proj(mixer(RMSNorm(x)))
+// with the mixer as in jamba_conv_step and jamba_scan, reading and updating the slots' conv and SSM state.
+void jamba_mamba_step(const float* x, const float* norm_weight, float norm_eps, const float* in_weight,
+                      const float* in_bias, const float* conv_weight, const float* conv_bias, float* conv_cache,
+                      const float* x_weight, const float* dt_norm_weight, const float* b_norm_weight,
+                      const float* c_norm_weight, float eps, const float* dt_weight, const float* dt_bias,
+                      const float* A, const float* D, const float* out_weight, const float* out_bias,
+                      float* ssm_cache, const int64_t* slots, float* out, int64_t B, int64_t Dm, int64_t I,
+                      int64_t N, int64_t R, int64_t W) {
+    std::vector<float> h(x, x + B * Dm), xz(B * 2 * I), u(B * I), dbc(B * (R + 2 * N)), y(B * I);
+    for (int64_t b = 0; b < B; ++b) rms_norm(&h[b * Dm], norm_weight, Dm, norm_eps);
+    linear_small(h.data(), Dm, in_weight, in_bias, xz.data(), B, 2 * I, Dm);
+    jamba_conv_step(xz.data(), 2 * I, conv_weight, conv_bias, u.data(), conv_cache, slots, B, I, W);
+    linear_small(u.data(), I, x_weight, nullptr, dbc.data(), B, R + 2 * N, I);
+    jamba_scan(u.data(), dbc.data(), xz.data() + I, 2 * I, 2 * I, dt_norm_weight, b_norm_weight, c_norm_weight, eps,
+               dt_weight, dt_bias, A, D, y.data(), ssm_cache, slots, 1, nullptr, B, 1, I, N, R);
+    linear_small(y.data(), I, out_weight, out_bias, out, B, Dm, I);
+    for (int64_t j = 0; j < B * Dm; ++j) out[j] += x[j];
+}
+
 // out (M, N) = x (M, K) @ weight (N, K)^T (+ bias) for a few rows (decode steps), K a multiple of 8; x's rows are
 // sx floats apart. At these sizes a step is bound by reading the weights, and this reads each once, on all of
 // PyTorch's threads (MKL repacks the weights on every call).
