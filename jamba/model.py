@@ -629,12 +629,39 @@ class JambaLayer(nn.Module):
         else:
             x = x + self.mamba(self.input_layernorm(x), masks.padding, view)
 
+        if dispatch is None:
+            fused = self._feed_forward_native(x)
+            if fused is not None:
+                return fused
         h = self.pre_ff_layernorm(x)
         if self.kind.has_experts:
             h, router_logits = self.feed_forward(h, dispatch)
         else:
             h, router_logits = self.feed_forward(h), x.new_zeros(0, 0)
         return x + h, router_logits
+
+
+    def _feed_forward_native(self, x):
+        """(x + feed_forward(pre_ff_layernorm(x)), router logits) in one native call; None where it does not apply."""
+        if not x.is_contiguous() or x.shape[-1] % 8:
+            return None
+        norm, ff = self.pre_ff_layernorm, self.feed_forward
+        rows = x.numel() // x.shape[-1]
+        if self.kind.has_experts:
+            mlps = [expert.plain_weights() for expert in ff.experts]
+            if not mlps or any(m is None for m in mlps):
+                return None
+            router = ff.router.weight
+            native = _native_kernels(x, mlps[0])
+            if native is None or _native_for_decode(x, norm.weight, router) is None or not router.is_contiguous():
+                return None
+            out, logits = native.moe_block(x.view(rows, -1), norm, router, ff.router.top_k, mlps)
+            return out.view_as(x), logits
+        weights = ff.plain_weights()
+        native = _native_kernels(x, weights)
+        if native is None or _native_for_decode(x, norm.weight) is None:
+            return None
+        return native.mlp_block(x.view(rows, -1), norm, weights).view_as(x), x.new_zeros(0, 0)
 
 
 class Masks(NamedTuple):

@@ -4,7 +4,12 @@ A decode step through PyTorch operators spends most of its time in operator over
 small operators), and a prefill spends most of it in the chunked scan's temporaries. These kernels do the conv and
 the scan with its surroundings in one call each. `torch.utils.cpp_extension` builds them (ninja and a C++
 compiler are needed) into its cache, once per machine; when the build fails, `kernels()` returns None, the reason
-is logged, and the model keeps the PyTorch path.
+is logged, and the model keeps the PyTorch path. JAMBA_NATIVE_KERNELS=0 turns them off.
+
+Besides the Mamba conv and scan, decode-sized calls (up to MAX_LINEAR_ROWS rows) get kernels for the linear
+layers, the SwiGLU MLP, the experts, RMSNorm, the attention step, and whole halves of a block: at those sizes a
+step is bound by reading the weights once and by Python's per-operator cost, and one call per half-block removes
+most of the latter.
 
 Shapes, as in jamba/ssm.py: B rows, L steps, I channels (a multiple of 8), N d_state (at most 64), R dt_rank,
 W conv width, S cache slots. Activations are (B, L, I), channels last.
@@ -73,11 +78,16 @@ class Kernels:
         c_float = ctypes.c_float
         self._mamba_step.argtypes = [f, f, c_float, f, f, f, f, f, f, f, f, f, c_float, f, f, f, f, f, f, f, f, f,
                                      i64, i64, i64, i64, i64, i64]
+        self._mlp_block = lib.jamba_mlp_block
+        self._mlp_block.argtypes = [f, f, c_float, f, f, f, f, i64, i64, i64]
+        self._moe_block = lib.jamba_moe_block
+        self._moe_block.argtypes = [f, f, c_float, f, i64, f, f, f, f, i64, f, f, i64, i64, i64]
         self._silu_mul = lib.jamba_silu_mul
         self._silu_mul.argtypes = [f, f, f, i64]
         self._expert_tables = {}  # (expert ids, gate weight addresses) -> address tables of jamba_moe_small
         for fn in (self._conv, self._conv_step, self._scan, self._silu_mul, self._linear_small, self._mlp_small,
-                   self._moe_small, self._rms_norm, self._attention_step, self._mamba_step):
+                   self._moe_small, self._rms_norm, self._attention_step, self._mamba_step, self._mlp_block,
+                   self._moe_block):
             fn.restype = None
 
     def linear_small(self, x, weight, bias=None) -> torch.Tensor:
@@ -106,17 +116,43 @@ class Kernels:
         ids[j], as in `mlp_small`.
         """
         tokens, k = experts.shape
-        key = (tuple(ids), *(m[0].data_ptr() for m in mlps))
-        tables = self._expert_tables.get(key)
-        if tables is None or any(t.data_ptr() != p for t, p in zip(tables[1], (m[1].data_ptr() for m in mlps))):
-            pointers = torch.tensor([[m[i].data_ptr() for m in mlps] for i in range(3)], dtype=torch.int64)
-            # The tensors ride along so that the addresses stay valid while the entry exists.
-            tables = self._expert_tables[key] = (pointers, [m[1] for m in mlps], torch.tensor(list(ids)), mlps)
-        pointers, _, ids, _ = tables
+        pointers, ids = self._expert_table(ids, mlps)
         out = torch.empty_like(x)
         self._moe_small(_ptr(x), _ptr(weights), _ptr(experts), tokens, k, _ptr(ids), _ptr(pointers[0]),
                         _ptr(pointers[1]), _ptr(pointers[2]), len(mlps), _ptr(out), x.shape[1], mlps[0][0].shape[0])
         return out
+
+    def mlp_block(self, x, norm, weights) -> torch.Tensor:
+        """x + mlp(norm(x)) for rows x (T, D) contiguous; weights = (gate, up, down) as in `mlp_small`."""
+        out = torch.empty_like(x)
+        gate, up, down = weights
+        self._mlp_block(_ptr(x), _ptr(norm.weight), norm.eps, _ptr(gate), _ptr(up), _ptr(down), _ptr(out),
+                        x.shape[0], x.shape[1], gate.shape[0])
+        return out
+
+    def moe_block(self, x, norm, router, top_k: int, mlps):
+        """x + the experts' weighted sum for rows x (T, D) contiguous, and the router logits (T, E).
+
+        norm is the pre-feed-forward RMSNorm, router the (E, D) router weight, mlps[e] the weights of expert e.
+        """
+        pointers, ids = self._expert_table(range(len(mlps)), mlps)
+        out = torch.empty_like(x)
+        logits = torch.empty(x.shape[0], len(mlps), dtype=torch.float32)
+        self._moe_block(_ptr(x), _ptr(norm.weight), norm.eps, _ptr(router), top_k, _ptr(ids), _ptr(pointers[0]),
+                        _ptr(pointers[1]), _ptr(pointers[2]), len(mlps), _ptr(out), _ptr(logits), x.shape[0],
+                        x.shape[1], mlps[0][0].shape[0])
+        return out, logits
+
+    def _expert_table(self, ids, mlps):
+        """Address tables (3, E) of the experts' gate, up and down weights and their ids, cached per expert set."""
+        key = (tuple(ids), *(m[0].data_ptr() for m in mlps))
+        table = self._expert_tables.get(key)
+        if table is None or any(w.data_ptr() != m[1].data_ptr() or v.data_ptr() != m[2].data_ptr()
+                                for (w, v), m in zip(table[2], mlps)):
+            pointers = torch.tensor([[m[i].data_ptr() for m in mlps] for i in range(3)], dtype=torch.int64)
+            # The weights ride along so that the addresses stay valid while the entry exists.
+            table = self._expert_tables[key] = (pointers, torch.tensor(list(ids)), [(m[1], m[2]) for m in mlps], mlps)
+        return table[0], table[1]
 
     def attention_step(self, q, k, v, keys, values, slots, positions) -> torch.Tensor:
         """One decode step of attention from the cache: q (B, H, Dh), k and v (B, G, Dh), contiguous.
@@ -213,6 +249,9 @@ def kernels() -> Kernels | None:
     """Build (or find in torch's extension cache) and load the kernels; None, with the reason logged, on failure."""
     from torch.utils.cpp_extension import load
 
+    if os.environ.get("JAMBA_NATIVE_KERNELS", "1") == "0":
+        log.info("native CPU kernels disabled by JAMBA_NATIVE_KERNELS=0; the PyTorch path runs")
+        return None
     name, flags = _arch_flags()
     # pip's ninja lives next to the interpreter, which is not on PATH when a virtual environment's python runs
     # without the environment activated.

@@ -199,6 +199,38 @@ void swiglu_mlp(const float* x, const float* gate, const float* up, const float*
     linear_small(g.data(), F, down, nullptr, out, M, D, F);
 }
 
+// jamba.model.run_experts for a few tokens (jamba_moe_small): out (T, D) = sum over (t, k) with experts[t, k] among the E given
+// experts of weights[t, k] * mlp_e(x[t]). Expert e has id ids[e] and weights at the addresses gates[e], ups[e],
+// downs[e]. Each expert runs once on the rows routed to it, so its weights are read once.
+void moe_small(const float* x, const float* weights, const int64_t* experts, int64_t T, int64_t K,
+                     const int64_t* ids, const int64_t* gates, const int64_t* ups, const int64_t* downs, int64_t E,
+                     float* out, int64_t D, int64_t F) {
+    std::memset(out, 0, T * D * sizeof(float));
+    std::vector<float> rows(T * D), results(T * D);
+    std::vector<int64_t> token(T);
+    std::vector<float> scale(T);
+    for (int64_t e = 0; e < E; ++e) {
+        int64_t count = 0;
+        for (int64_t t = 0; t < T; ++t) {
+            for (int64_t k = 0; k < K; ++k) {
+                if (experts[t * K + k] != ids[e]) continue;
+                token[count] = t;
+                scale[count] = weights[t * K + k];
+                std::memcpy(&rows[count * D], x + t * D, D * sizeof(float));
+                ++count;
+            }
+        }
+        if (!count) continue;
+        swiglu_mlp(rows.data(), reinterpret_cast<const float*>(gates[e]), reinterpret_cast<const float*>(ups[e]),
+                   reinterpret_cast<const float*>(downs[e]), results.data(), count, D, F);
+        for (int64_t i = 0; i < count; ++i) {
+            float* o = out + token[i] * D;
+            const float* r = &results[i * D];
+            for (int64_t j = 0; j < D; ++j) o[j] += scale[i] * r[j];
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -357,38 +389,6 @@ void jamba_mlp_small(const float* x, const float* gate, const float* up, const f
     swiglu_mlp(x, gate, up, down, out, M, D, F);
 }
 
-// jamba.model.run_experts for a few tokens: out (T, D) = sum over (t, k) with experts[t, k] among the E given
-// experts of weights[t, k] * mlp_e(x[t]). Expert e has id ids[e] and weights at the addresses gates[e], ups[e],
-// downs[e]. Each expert runs once on the rows routed to it, so its weights are read once.
-void jamba_moe_small(const float* x, const float* weights, const int64_t* experts, int64_t T, int64_t K,
-                     const int64_t* ids, const int64_t* gates, const int64_t* ups, const int64_t* downs, int64_t E,
-                     float* out, int64_t D, int64_t F) {
-    std::memset(out, 0, T * D * sizeof(float));
-    std::vector<float> rows(T * D), results(T * D);
-    std::vector<int64_t> token(T);
-    std::vector<float> scale(T);
-    for (int64_t e = 0; e < E; ++e) {
-        int64_t count = 0;
-        for (int64_t t = 0; t < T; ++t) {
-            for (int64_t k = 0; k < K; ++k) {
-                if (experts[t * K + k] != ids[e]) continue;
-                token[count] = t;
-                scale[count] = weights[t * K + k];
-                std::memcpy(&rows[count * D], x + t * D, D * sizeof(float));
-                ++count;
-            }
-        }
-        if (!count) continue;
-        swiglu_mlp(rows.data(), reinterpret_cast<const float*>(gates[e]), reinterpret_cast<const float*>(ups[e]),
-                   reinterpret_cast<const float*>(downs[e]), results.data(), count, D, F);
-        for (int64_t i = 0; i < count; ++i) {
-            float* o = out + token[i] * D;
-            const float* r = &results[i * D];
-            for (int64_t j = 0; j < D; ++j) o[j] += scale[i] * r[j];
-        }
-    }
-}
-
 // One decode step of grouped-query attention straight from the cache. For each row b: K and V of the new token
 // (k, v: (B, G, Dh)) go to position positions[b] of slot slots[b] (keys, values: (S, G, T, Dh)), and each of the H
 // query heads (q: (B, H, Dh)) attends over positions 0..positions[b] of its group (head h uses group h / (H / G))
@@ -441,6 +441,53 @@ void jamba_rms_norm(const float* x, const float* weight, float* out, int64_t row
         std::memcpy(out + r * n, x + r * n, n * sizeof(float));
         rms_norm(out + r * n, weight, n, eps);
     }
+}
+
+// jamba.model.run_experts for a few tokens; see moe_small.
+void jamba_moe_small(const float* x, const float* weights, const int64_t* experts, int64_t T, int64_t K,
+                     const int64_t* ids, const int64_t* gates, const int64_t* ups, const int64_t* downs, int64_t E,
+                     float* out, int64_t D, int64_t F) {
+    moe_small(x, weights, experts, T, K, ids, gates, ups, downs, E, out, D, F);
+}
+
+// The second half of a block with a dense MLP, for rows x (T, D) contiguous: out = x + mlp(RMSNorm(x)).
+void jamba_mlp_block(const float* x, const float* norm_weight, float eps, const float* gate, const float* up,
+                     const float* down, float* out, int64_t T, int64_t D, int64_t F) {
+    std::vector<float> h(x, x + T * D);
+    for (int64_t t = 0; t < T; ++t) rms_norm(&h[t * D], norm_weight, D, eps);
+    swiglu_mlp(h.data(), gate, up, down, out, T, D, F);
+    for (int64_t j = 0; j < T * D; ++j) out[j] += x[j];
+}
+
+// The second half of a block with experts, for rows x (T, D) contiguous: h = RMSNorm(x), router logits
+// (T, E) = h @ router^T (written to logits), the K most probable of the softmax per token with their
+// probabilities as weights (ties to the lower id, no renormalisation), out = x + the weighted sum of those experts.
+// The experts are given as in moe_small, all E of them, with ids 0..E-1.
+void jamba_moe_block(const float* x, const float* norm_weight, float eps, const float* router, int64_t K,
+                     const int64_t* ids, const int64_t* gates, const int64_t* ups, const int64_t* downs, int64_t E,
+                     float* out, float* logits, int64_t T, int64_t D, int64_t F) {
+    std::vector<float> h(x, x + T * D), weights(T * K), probs(E), sum(T * D);
+    std::vector<int64_t> experts(T * K);
+    for (int64_t t = 0; t < T; ++t) rms_norm(&h[t * D], norm_weight, D, eps);
+    linear_small(h.data(), D, router, nullptr, logits, T, E, D);
+    for (int64_t t = 0; t < T; ++t) {
+        const float* row = logits + t * E;
+        float top = row[0];
+        for (int64_t e = 1; e < E; ++e) top = row[e] > top ? row[e] : top;
+        float total = 0.0f;
+        for (int64_t e = 0; e < E; ++e) total += probs[e] = __builtin_expf(row[e] - top);
+        for (int64_t e = 0; e < E; ++e) probs[e] /= total;
+        for (int64_t k = 0; k < K; ++k) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; ++e)
+                if (probs[e] >= 0.0f && (best < 0 || probs[e] > probs[best])) best = e;
+            experts[t * K + k] = best;
+            weights[t * K + k] = probs[best];
+            probs[best] = -1.0f;  // taken
+        }
+    }
+    moe_small(h.data(), weights.data(), experts.data(), T, K, ids, gates, ups, downs, E, sum.data(), D, F);
+    for (int64_t j = 0; j < T * D; ++j) out[j] = x[j] + sum[j];
 }
 
 // out = silu(gate) * up over n values (n a multiple of 8): the SwiGLU product in one pass over memory.
