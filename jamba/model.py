@@ -289,7 +289,7 @@ class Attention(nn.Module):
         return dense(self.o_proj, out.transpose(1, 2).reshape(batch, length, -1))
 
     def _step_native(self, x, view, native):
-        """A decode step with the cache update and the attention in one native call."""
+        """Run a decode step with the cache update and the attention in one native call."""
         batch = x.shape[0]
         q = dense(self.q_proj, x).view(batch, self.num_heads, self.head_dim)
         k = dense(self.k_proj, x).view(batch, self.num_kv_heads, self.head_dim)
@@ -487,14 +487,14 @@ class MLP(nn.Module):
 
 
 def _native_kernels(x, weights):
-    """The native kernels if they can run a small-batch product of x (..., D) with these weights, else None."""
+    """Return the native kernels if they can run a small-batch product of x (..., D) with these weights, else None."""
     if weights is None or x.shape[-1] % 8 or weights[0].shape[0] % 8:
         return None
     return _native_for_decode(x, *weights)
 
 
 def _native_for_decode(x, *tensors):
-    """The native kernels for a decode-sized fp32 CPU inference call on x and these tensors, else None."""
+    """Return the native kernels for a decode-sized fp32 CPU inference call on x and these tensors, else None."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (not 0 < rows <= _MAX_LINEAR_ROWS or x.dtype != torch.float32 or x.device.type != "cpu"
             or any(t.dtype != torch.float32 for t in tensors) or not _inference_only(x, *tensors)):
@@ -512,8 +512,9 @@ def _inference_only(*tensors) -> bool:
 def dense(module: nn.Linear, x):
     """module(x); a plain fp32 nn.Linear on CPU takes the native small-batch kernel for up to 64 rows.
 
-    A decode step multiplies a few rows by every weight matrix, and reads each weight once in the kernel (MKL
-    repacks them per call at these sizes). Anything else, a peft-wrapped layer included, calls the module.
+    A decode step multiplies a few rows by every weight matrix, and the kernel reads each weight once; MKL's
+    products spend most of their time copying the weights at these sizes. Anything else, a peft-wrapped layer
+    included, calls the module.
     """
     if type(module) is nn.Linear and x.shape[-1] % 8 == 0:
         params = module._parameters

@@ -2,9 +2,9 @@
 
 A decode step through PyTorch operators spends most of its time in operator overhead (a Mamba layer is some forty
 small operators), and a prefill spends most of it in the chunked scan's temporaries. These kernels do the conv and
-the scan with its surroundings in one call each. `torch.utils.cpp_extension` builds them (ninja and a C++
-compiler are needed) into its cache, once per machine; when the build fails, `kernels()` returns None, the reason
-is logged, and the model keeps the PyTorch path. JAMBA_NATIVE_KERNELS=0 turns them off.
+the scan with its surroundings in one call each. `torch.utils.cpp_extension` builds them into its cache, once per
+machine, which needs ninja and a C++ compiler. When the build fails, `kernels()` returns None and logs why, and the
+model keeps the PyTorch path. JAMBA_NATIVE_KERNELS=0 turns them off.
 
 Besides the Mamba conv and scan, decode-sized calls (up to MAX_LINEAR_ROWS rows) get kernels for the linear
 layers, the SwiGLU MLP, the experts, RMSNorm, the attention step, and whole halves of a block: at those sizes a
@@ -44,7 +44,7 @@ def _cpu_flags() -> set[str]:
 
 
 def _arch_flags() -> tuple[str, list[str]]:
-    """The build's name and target flags: AVX2 and FMA where the CPU has both, the compiler's default otherwise."""
+    """Return the build's name and flags: AVX2 and FMA where the CPU has both, the compiler's default otherwise."""
     if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
         return "avx2", ["-mavx2", "-mfma"]
     return "generic", []

@@ -88,9 +88,9 @@ def summarize(args, name: str) -> ModelSummary:
 def serving_threads() -> int:
     """Torch threads for a serving process: every core it may use but one, which is left to the event loop.
 
-    The gRPC event loop runs Python between model steps and during them; when the model's threads take every
-    core, each of their parallel regions waits for the thread whose core the loop took, and a step slows down
-    far more than the one core would explain.
+    The gRPC event loop runs Python between model steps and during them. When the model's threads take every
+    core, each of their parallel regions waits for the thread whose core the loop took, so a step slows down far
+    more than the one core would explain.
     """
     return max(1, len(os.sched_getaffinity(0)) - 1)
 

@@ -199,12 +199,12 @@ void swiglu_mlp(const float* x, const float* gate, const float* up, const float*
     linear_small(g.data(), F, down, nullptr, out, M, D, F);
 }
 
-// jamba.model.run_experts for a few tokens (jamba_moe_small): out (T, D) = sum over (t, k) with experts[t, k] among the E given
+// jamba.model.run_experts for a few tokens: out (T, D) = sum over (t, k) with experts[t, k] among the E given
 // experts of weights[t, k] * mlp_e(x[t]). Expert e has id ids[e] and weights at the addresses gates[e], ups[e],
 // downs[e]. Each expert runs once on the rows routed to it, so its weights are read once.
 void moe_small(const float* x, const float* weights, const int64_t* experts, int64_t T, int64_t K,
-                     const int64_t* ids, const int64_t* gates, const int64_t* ups, const int64_t* downs, int64_t E,
-                     float* out, int64_t D, int64_t F) {
+               const int64_t* ids, const int64_t* gates, const int64_t* ups, const int64_t* downs, int64_t E,
+               float* out, int64_t D, int64_t F) {
     std::memset(out, 0, T * D * sizeof(float));
     std::vector<float> rows(T * D), results(T * D);
     std::vector<int64_t> token(T);
