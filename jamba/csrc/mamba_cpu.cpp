@@ -105,9 +105,9 @@ void rms_norm(float* x, const float* weight, int64_t n, float eps) {
 
 // One token per row from the cached state, with vectors along the state dimension: the state of a channel is
 // N contiguous floats in the cache, so it is read and written in place. Threads take ranges of 64 channels; for
-// each row, delta and the gate of eight channels are computed with vectors along the channels first. normed is
-// (B, R + 2N) after the norms, dt_t (R, I).
-void scan_step(const float* u, const float* normed, const float* z, int64_t sz_b, const float* dt_t,
+// each row, delta and the gate of eight channels are computed first. normed is (B, R + 2N) after the norms,
+// dt_weight (I, R).
+void scan_step(const float* u, const float* normed, const float* z, int64_t sz_b, const float* dt_weight,
                const float* dt_bias, const float* A, const float* D, float* y, float* ssm_cache,
                const int64_t* slots, int64_t B, int64_t I, int64_t N, int64_t R) {
     auto run = [&](int64_t first, int64_t last) {  // blocks of eight channels
@@ -118,9 +118,13 @@ void scan_step(const float* u, const float* normed, const float* z, int64_t sz_b
             const float* row_u = u + b * I;
             for (int64_t block = first; block < last; ++block) {
                 const int64_t i0 = block * 8;
-                v8 d = load8(dt_bias + i0);
-                for (int64_t r = 0; r < R; ++r) d += splat(p[r]) * load8(dt_t + r * I + i0);
-                store8(delta, softplus8(d));
+                for (int c = 0; c < 8; ++c) {
+                    const float* w = dt_weight + (i0 + c) * R;
+                    float dot = dt_bias[i0 + c];
+                    for (int64_t r = 0; r < R; ++r) dot += p[r] * w[r];
+                    delta[c] = dot;
+                }
+                store8(delta, softplus8(load8(delta)));
                 store8(gate, silu8(load8(z + b * sz_b + i0)));
                 for (int c = 0; c < 8; ++c) {
                     const int64_t i = i0 + c;
@@ -205,28 +209,35 @@ void swiglu_mlp(const float* x, const float* gate, const float* up, const float*
 void moe_small(const float* x, const float* weights, const int64_t* experts, int64_t T, int64_t K,
                const int64_t* ids, const int64_t* gates, const int64_t* ups, const int64_t* downs, int64_t E,
                float* out, int64_t D, int64_t F) {
-    std::memset(out, 0, T * D * sizeof(float));
-    std::vector<float> rows(T * D), results(T * D);
-    std::vector<int64_t> token(T);
-    std::vector<float> scale(T);
+    // The rows of each expert, then the experts on the threads (one expert's three products per thread, so one
+    // parallel region in all), then the sum in expert order.
+    std::vector<std::vector<int64_t>> token(E);
+    std::vector<std::vector<float>> scale(E), rows(E), results(E);
     for (int64_t e = 0; e < E; ++e) {
-        int64_t count = 0;
         for (int64_t t = 0; t < T; ++t) {
             for (int64_t k = 0; k < K; ++k) {
                 if (experts[t * K + k] != ids[e]) continue;
-                token[count] = t;
-                scale[count] = weights[t * K + k];
-                std::memcpy(&rows[count * D], x + t * D, D * sizeof(float));
-                ++count;
+                token[e].push_back(t);
+                scale[e].push_back(weights[t * K + k]);
+                rows[e].insert(rows[e].end(), x + t * D, x + (t + 1) * D);
             }
         }
-        if (!count) continue;
-        swiglu_mlp(rows.data(), reinterpret_cast<const float*>(gates[e]), reinterpret_cast<const float*>(ups[e]),
-                   reinterpret_cast<const float*>(downs[e]), results.data(), count, D, F);
-        for (int64_t i = 0; i < count; ++i) {
-            float* o = out + token[i] * D;
-            const float* r = &results[i * D];
-            for (int64_t j = 0; j < D; ++j) o[j] += scale[i] * r[j];
+        results[e].resize(token[e].size() * D);
+    }
+    at::parallel_for(0, E, 1, [&](int64_t first, int64_t last) {
+        for (int64_t e = first; e < last; ++e) {
+            if (token[e].empty()) continue;
+            swiglu_mlp(rows[e].data(), reinterpret_cast<const float*>(gates[e]),
+                       reinterpret_cast<const float*>(ups[e]), reinterpret_cast<const float*>(downs[e]),
+                       results[e].data(), static_cast<int64_t>(token[e].size()), D, F);
+        }
+    });
+    std::memset(out, 0, T * D * sizeof(float));
+    for (int64_t e = 0; e < E; ++e) {
+        for (size_t i = 0; i < token[e].size(); ++i) {
+            float* o = out + token[e][i] * D;
+            const float* r = &results[e][i * D];
+            for (int64_t j = 0; j < D; ++j) o[j] += scale[e][i] * r[j];
         }
     }
 }
@@ -308,15 +319,14 @@ void jamba_scan(const float* u, const float* dbc, const float* z, int64_t sz_b, 
         rms_norm(p + R, b_norm_weight, N, eps);
         rms_norm(p + R + N, c_norm_weight, N, eps);
     }
+    if (L == 1 && ssm_cache && from_state && N % 8 == 0) {
+        scan_step(u, normed.data(), z, sz_b, dt_weight, dt_bias, A, D, y, ssm_cache, slots, B, I, N, R);
+        return;
+    }
     std::vector<float> dt_t(R * I), a_t(N * I);  // (R, I) and (N, I): eight channels side by side
     for (int64_t i = 0; i < I; ++i) {
         for (int64_t r = 0; r < R; ++r) dt_t[r * I + i] = dt_weight[i * R + r];
         for (int64_t n = 0; n < N; ++n) a_t[n * I + i] = A[i * N + n];
-    }
-
-    if (L == 1 && ssm_cache && from_state && N % 8 == 0) {
-        scan_step(u, normed.data(), z, sz_b, dt_t.data(), dt_bias, A, D, y, ssm_cache, slots, B, I, N, R);
-        return;
     }
     const int64_t blocks = I / 8;
     auto run = [&](int64_t first, int64_t last) {
