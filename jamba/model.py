@@ -381,21 +381,56 @@ class MambaMixer(nn.Module):
                 and self.D.shape[0] % 8 == 0 and self.d_state <= MAX_STATE)
 
     def step_with_residual(self, x, norm: "RMSNorm", view: CacheView):
-        """x + self(norm(x)) for a decode step in one native call, or None where that does not apply."""
-        kernels = ssm.resolve_kernels(self.scan_setting, x.device.type).native
-        if kernels is None or not x.is_contiguous() or x.shape[-1] % 8 or self.d_state % 8:
+        """Return x + self(norm(x)) for a decode step in one native call, or None where that does not apply."""
+        if (torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous()
+                or not 0 < x.shape[0] * x.shape[1] <= _MAX_LINEAR_ROWS):
             return None
-        linears = (self.in_proj, self.x_proj, self.out_proj)
-        if any(type(m) is not nn.Linear for m in linears) or not self._native_applies(x):
+        kernels = ssm.resolve_kernels(self.scan_setting, "cpu").native
+        plan = None if kernels is None else self._step_plan(norm)
+        if plan is None:
             return None
-        params = (norm.weight, *(m.weight for m in linears), self.conv1d.weight, self.dt_proj.weight, self.D)
-        if _native_for_decode(x, *params) is None or not all(p.is_contiguous() for p in params):
-            return None
-        rows = x.shape[0] * x.shape[1]
         cache = view.cache
-        out = kernels.mamba_step(x.view(rows, -1), norm, self, cache.conv[self.layer_idx], cache.ssm[self.layer_idx],
-                                 view.slots, self._negative_A())
+        out = kernels.mamba_step(x.view(x.shape[0] * x.shape[1], -1), plan, cache.conv[self.layer_idx],
+                                 cache.ssm[self.layer_idx], view.slots, self._negative_A())
         return out.view_as(x)
+
+    def _step_plan(self, norm: "RMSNorm"):
+        """The cached MambaStepPlan of norm and this mixer, made again when a parameter changed; None if not plain.
+
+        Modules and parameters are read from their dictionaries: nn.Module attribute lookups would cost more than
+        the native step's Python side otherwise does.
+        """
+        modules = self._modules
+        in_proj, x_proj, out_proj = modules["in_proj"], modules["x_proj"], modules["out_proj"]
+        conv, dt_proj = modules["conv1d"], modules["dt_proj"]
+        norms = (norm, modules["dt_layernorm"], modules["b_layernorm"], modules["c_layernorm"])
+        if any(type(m) is not nn.Linear for m in (in_proj, x_proj, out_proj, dt_proj)) or type(conv) is not nn.Conv1d:
+            return None
+        tensors = (*(n._parameters["weight"] for n in norms), in_proj._parameters["weight"],
+                   in_proj._parameters["bias"], conv._parameters["weight"], conv._parameters["bias"],
+                   x_proj._parameters["weight"], x_proj._parameters["bias"], dt_proj._parameters["weight"],
+                   dt_proj._parameters["bias"], self._parameters["D"], out_proj._parameters["weight"],
+                   out_proj._parameters["bias"])
+        cached = self.__dict__.get("_plan")
+        if cached is not None and all(a is b for a, b in zip(cached.tensors, tensors)):
+            return cached
+        self._plan = None
+        present = [t for t in tensors if t is not None]
+        if (tensors[9] is not None or tensors[11] is None  # x_proj without bias, dt_proj with one, as in Jamba
+                or any(t.dtype != torch.float32 or not t.is_contiguous() for t in present)
+                or norm.weight.shape[0] % 8 or self.D.shape[0] % 8 or self.d_state % 8 or self.d_state > 64):
+            return None
+        from jamba.native import MambaStepPlan
+
+        def address(t):
+            return None if t is None else t.data_ptr()
+
+        self._plan = MambaStepPlan(
+            tensors, address(tensors[0]), norm.eps, address(tensors[4]), address(tensors[5]), address(tensors[6]),
+            address(tensors[7]), address(tensors[8]), address(tensors[1]), address(tensors[2]), address(tensors[3]),
+            norms[1].eps, address(tensors[10]), address(tensors[11]), address(tensors[12]), address(tensors[13]),
+            address(tensors[14]), self.D.shape[0], self.d_state, self.dt_rank, conv.weight.shape[-1])
+        return self._plan
 
     def _forward_native(self, x, pad_mask, view, kernels):
         """The mixer in channels-last layout, with the conv and the scan (norms, dt, gate included) in C++."""
@@ -643,26 +678,58 @@ class JambaLayer(nn.Module):
 
 
     def _feed_forward_native(self, x):
-        """(x + feed_forward(pre_ff_layernorm(x)), router logits) in one native call; None where it does not apply."""
-        if not x.is_contiguous() or x.shape[-1] % 8:
+        """Return (x + feed_forward(pre_ff_layernorm(x)), router logits) in one native call, or None."""
+        if (torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous()
+                or x.shape[-1] % 8 or not 0 < x.numel() // x.shape[-1] <= _MAX_LINEAR_ROWS):
             return None
-        norm, ff = self.pre_ff_layernorm, self.feed_forward
+        plan = self._feed_forward_plan()
+        if plan is None:
+            return None
+        from jamba import native
+
+        kernels = native.kernels()
+        if kernels is None:
+            return None
         rows = x.numel() // x.shape[-1]
+        norm = self._modules["pre_ff_layernorm"]
         if self.kind.has_experts:
-            mlps = [expert.plain_weights() for expert in ff.experts]
-            if not mlps or any(m is None for m in mlps):
-                return None
-            router = ff.router.weight
-            native = _native_kernels(x, mlps[0])
-            if native is None or _native_for_decode(x, norm.weight, router) is None or not router.is_contiguous():
-                return None
-            out, logits = native.moe_block(x.view(rows, -1), norm, router, ff.router.top_k, mlps)
+            out, logits = kernels.moe_block(x.view(rows, -1), norm, plan.tensors[1], self.feed_forward.router.top_k,
+                                            plan.table, (len(plan.experts), plan.experts[0][0].shape[0]))
             return out.view_as(x), logits
-        weights = ff.plain_weights()
-        native = _native_kernels(x, weights)
-        if native is None or _native_for_decode(x, norm.weight) is None:
+        return kernels.mlp_block(x.view(rows, -1), norm, plan.experts[0]).view_as(x), x.new_zeros(0, 0)
+
+    def _feed_forward_plan(self):
+        """The cached weights of the feed-forward half for the native kernels, None if they are not all plain.
+
+        Made again when a parameter changed (compared by identity); read from the modules' dictionaries, as in
+        MambaMixer._step_plan.
+        """
+        norm, ff = self._modules["pre_ff_layernorm"], self._modules["feed_forward"]
+        if self.kind.has_experts:
+            router = ff._modules["router"]._parameters["weight"]
+            mlps = [expert.plain_weights() for expert in ff._modules["experts"]]
+        else:
+            router, mlps = None, [ff.plain_weights()]
+        if not mlps or any(m is None for m in mlps):
             return None
-        return native.mlp_block(x.view(rows, -1), norm, weights).view_as(x), x.new_zeros(0, 0)
+        tensors = (norm._parameters["weight"], router, *(w for m in mlps for w in m))
+        cached = self.__dict__.get("_ff_plan")
+        if cached is not None and all(a is b for a, b in zip(cached.tensors, tensors)):
+            return cached
+        self._ff_plan = None
+        if (any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors if t is not None)
+                or mlps[0][0].shape[0] % 8):
+            return None
+        from jamba.native import expert_table
+
+        self._ff_plan = _FeedForwardPlan(tensors, mlps, expert_table(mlps))
+        return self._ff_plan
+
+
+class _FeedForwardPlan(NamedTuple):
+    tensors: tuple  # (norm weight, router weight or None, then each expert's gate, up and down weights)
+    experts: list  # [(gate, up, down)] per expert; one entry for a dense MLP
+    table: torch.Tensor  # jamba.native.expert_table(experts)
 
 
 class Masks(NamedTuple):

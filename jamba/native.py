@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -84,7 +85,6 @@ class Kernels:
         self._moe_block.argtypes = [f, f, c_float, f, i64, f, f, f, f, i64, f, f, i64, i64, i64]
         self._silu_mul = lib.jamba_silu_mul
         self._silu_mul.argtypes = [f, f, f, i64]
-        self._expert_tables = {}  # (expert ids, gate weight addresses) -> address tables of jamba_moe_small
         for fn in (self._conv, self._conv_step, self._scan, self._silu_mul, self._linear_small, self._mlp_small,
                    self._moe_small, self._rms_norm, self._attention_step, self._mamba_step, self._mlp_block,
                    self._moe_block):
@@ -116,10 +116,10 @@ class Kernels:
         ids[j], as in `mlp_small`.
         """
         tokens, k = experts.shape
-        pointers, ids = self._expert_table(ids, mlps)
+        table, ids = expert_table(mlps), torch.tensor(list(ids), dtype=torch.int64)
         out = torch.empty_like(x)
-        self._moe_small(_ptr(x), _ptr(weights), _ptr(experts), tokens, k, _ptr(ids), _ptr(pointers[0]),
-                        _ptr(pointers[1]), _ptr(pointers[2]), len(mlps), _ptr(out), x.shape[1], mlps[0][0].shape[0])
+        self._moe_small(_ptr(x), _ptr(weights), _ptr(experts), tokens, k, _ptr(ids), _ptr(table[0]), _ptr(table[1]),
+                        _ptr(table[2]), len(mlps), _ptr(out), x.shape[1], mlps[0][0].shape[0])
         return out
 
     def mlp_block(self, x, norm, weights) -> torch.Tensor:
@@ -130,29 +130,20 @@ class Kernels:
                         x.shape[0], x.shape[1], gate.shape[0])
         return out
 
-    def moe_block(self, x, norm, router, top_k: int, mlps):
+    def moe_block(self, x, norm, router, top_k: int, table, sizes):
         """x + the experts' weighted sum for rows x (T, D) contiguous, and the router logits (T, E).
 
-        norm is the pre-feed-forward RMSNorm, router the (E, D) router weight, mlps[e] the weights of expert e.
+        norm is the pre-feed-forward RMSNorm and router the (E, D) router weight; `table` comes from
+        `expert_table` over all E experts in order, and `sizes` is (E, F), F the experts' intermediate size.
         """
-        pointers, ids = self._expert_table(range(len(mlps)), mlps)
+        experts, hidden = sizes
         out = torch.empty_like(x)
-        logits = torch.empty(x.shape[0], len(mlps), dtype=torch.float32)
-        self._moe_block(_ptr(x), _ptr(norm.weight), norm.eps, _ptr(router), top_k, _ptr(ids), _ptr(pointers[0]),
-                        _ptr(pointers[1]), _ptr(pointers[2]), len(mlps), _ptr(out), _ptr(logits), x.shape[0],
-                        x.shape[1], mlps[0][0].shape[0])
+        logits = torch.empty(x.shape[0], experts, dtype=torch.float32)
+        ids = torch.arange(experts, dtype=torch.int64)
+        self._moe_block(_ptr(x), _ptr(norm.weight), norm.eps, _ptr(router), top_k, _ptr(ids), _ptr(table[0]),
+                        _ptr(table[1]), _ptr(table[2]), experts, _ptr(out), _ptr(logits), x.shape[0], x.shape[1],
+                        hidden)
         return out, logits
-
-    def _expert_table(self, ids, mlps):
-        """Address tables (3, E) of the experts' gate, up and down weights and their ids, cached per expert set."""
-        key = (tuple(ids), *(m[0].data_ptr() for m in mlps))
-        table = self._expert_tables.get(key)
-        if table is None or any(w.data_ptr() != m[1].data_ptr() or v.data_ptr() != m[2].data_ptr()
-                                for (w, v), m in zip(table[2], mlps)):
-            pointers = torch.tensor([[m[i].data_ptr() for m in mlps] for i in range(3)], dtype=torch.int64)
-            # The weights ride along so that the addresses stay valid while the entry exists.
-            table = self._expert_tables[key] = (pointers, torch.tensor(list(ids)), [(m[1], m[2]) for m in mlps], mlps)
-        return table[0], table[1]
 
     def attention_step(self, q, k, v, keys, values, slots, positions) -> torch.Tensor:
         """One decode step of attention from the cache: q (B, H, Dh), k and v (B, G, Dh), contiguous.
@@ -166,23 +157,18 @@ class Kernels:
                              _ptr(out), batch, heads, k.shape[1], keys.shape[2], size, size ** -0.5)
         return out
 
-    def mamba_step(self, x, norm, mixer, conv_cache, ssm_cache, slots, A) -> torch.Tensor:
+    def mamba_step(self, x, plan, conv_cache, ssm_cache, slots, A) -> torch.Tensor:
         """x + mixer(norm(x)) for one decode step of rows x (B, Dm), contiguous (see jamba_mamba_step).
 
-        norm is the block's RMSNorm and mixer its MambaMixer, both with plain fp32 contiguous parameters; A is
-        -exp(mixer.A_log).
+        `plan` is a MambaStepPlan of the block's RMSNorm and MambaMixer; A is -exp(mixer.A_log).
         """
         batch, width = x.shape
-        channels, size = A.shape
         out = torch.empty_like(x)
-        m = mixer
-        self._mamba_step(
-            _ptr(x), _ptr(norm.weight), norm.eps, _ptr(m.in_proj.weight), _ptr(m.in_proj.bias),
-            _ptr(m.conv1d.weight), _ptr(m.conv1d.bias), _ptr(conv_cache), _ptr(m.x_proj.weight),
-            _ptr(m.dt_layernorm.weight), _ptr(m.b_layernorm.weight), _ptr(m.c_layernorm.weight), m.dt_layernorm.eps,
-            _ptr(m.dt_proj.weight), _ptr(m.dt_proj.bias), _ptr(A), _ptr(m.D), _ptr(m.out_proj.weight),
-            _ptr(m.out_proj.bias), _ptr(ssm_cache), _ptr(slots), _ptr(out), batch, width, channels, size,
-            m.dt_proj.weight.shape[1], m.conv1d.weight.shape[-1])
+        p = plan
+        self._mamba_step(x.data_ptr(), p.norm, p.norm_eps, p.in_weight, p.in_bias, p.conv_weight, p.conv_bias,
+                         conv_cache.data_ptr(), p.x_weight, p.dt_norm, p.b_norm, p.c_norm, p.eps, p.dt_weight,
+                         p.dt_bias, A.data_ptr(), p.skip, p.out_weight, p.out_bias, ssm_cache.data_ptr(),
+                         slots.data_ptr(), out.data_ptr(), batch, width, p.channels, p.state, p.rank, p.conv_width)
         return out
 
     def rms_norm(self, x, weight, eps: float) -> torch.Tensor:
@@ -235,6 +221,44 @@ class Kernels:
                    _ptr(dt_weight), _ptr(dt_bias), _ptr(A), _ptr(D), _ptr(y), _ptr(ssm_cache), _slots_ptr(slots),
                    int(from_state), _ptr(last), batch, length, channels, state_size, rank)
         return (y, last) if return_last_state else y
+
+
+class MambaStepPlan(NamedTuple):
+    """The addresses and sizes jamba_mamba_step reads from a block's RMSNorm and MambaMixer, gathered once.
+
+    `tensors` keeps the parameters it was made from, both to keep the addresses valid and to tell when a module
+    got new parameters (`MambaStepPlan.tensors` is compared by identity).
+    """
+
+    tensors: tuple
+    norm: int
+    norm_eps: float
+    in_weight: int
+    in_bias: int | None
+    conv_weight: int
+    conv_bias: int | None
+    x_weight: int
+    dt_norm: int
+    b_norm: int
+    c_norm: int
+    eps: float
+    dt_weight: int
+    dt_bias: int
+    skip: int
+    out_weight: int
+    out_bias: int | None
+    channels: int
+    state: int
+    rank: int
+    conv_width: int
+
+
+def expert_table(mlps) -> torch.Tensor:
+    """Addresses (3, E) of the experts' gate, up and down weights, mlps[e] = (gate, up, down), for the kernels.
+
+    The addresses are valid while those weights live; callers keep the weights next to the table.
+    """
+    return torch.tensor([[m[i].data_ptr() for m in mlps] for i in range(3)], dtype=torch.int64)
 
 
 def _ptr(tensor):

@@ -194,7 +194,9 @@ def test_expert_and_mlp_kernels_match_pytorch_ops(kernels):
         weights, experts = torch.topk(torch.softmax(expected_logits, dim=-1), k, dim=-1)
         expected = torch.stack([sum(weights[t, j] * swiglu_reference(h[t], moe.experts[int(experts[t, j])])
                                     for j in range(k)) for t in range(5)])
-        out, logits = kernels.moe_block(x, norm, moe.router.weight, k, [e.plain_weights() for e in moe.experts])
+        mlps = [e.plain_weights() for e in moe.experts]
+        out, logits = kernels.moe_block(x, norm, moe.router.weight, k, native.expert_table(mlps),
+                                        (len(mlps), mlps[0][0].shape[0]))
         assert (logits - expected_logits).abs().max().item() < 1e-5
         assert (out - (x + expected)).abs().max().item() < 1e-5
 
