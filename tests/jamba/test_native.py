@@ -202,3 +202,25 @@ def test_expert_and_mlp_kernels_match_pytorch_ops(kernels):
 
         mlp = dense_layer.feed_forward
         assert (kernels.mlp_small(x, *mlp.plain_weights()) - swiglu_reference(x, mlp)).abs().max().item() < 1e-5
+
+
+def test_block_kernels_follow_replaced_parameters(monkeypatch):
+    """The parameters gathered for a block are gathered again when a module gets new ones."""
+    torch.manual_seed(3)
+    model = Jamba(JambaArgs.from_preset("tiny")).eval()
+    prompts = [torch.randint(3, 512, (n,)).tolist() for n in (6, 4, 2)]
+    before = run_batch(model, prompts, steps=3)
+    for layer in model.model.layers:
+        if layer.kind.mixer == "mamba":
+            layer.mamba.in_proj.weight = torch.nn.Parameter(layer.mamba.in_proj.weight.detach() * 0.5)
+        layer.pre_ff_layernorm.weight = torch.nn.Parameter(layer.pre_ff_layernorm.weight.detach() * 2)
+    after = run_batch(model, prompts, steps=3)
+
+    monkeypatch.setattr(native, "kernels", lambda: None)
+    ssm.resolve_kernels.cache_clear()
+    try:
+        expected = run_batch(model, prompts, steps=3)
+    finally:
+        ssm.resolve_kernels.cache_clear()
+    assert (after - before).abs().max().item() > 1e-2
+    assert (after - expected).abs().max().item() < 1e-4
