@@ -1,7 +1,9 @@
-// CPU kernels of the Mamba mixer in fp32: the causal conv with SiLU (whole sequence and one token) and the selective
-// scan fused with what surrounds it (RMSNorm of dt, B and C, the dt projection, softplus, the D skip and the
-// SiLU gate). Loaded with ctypes by jamba/native.py, which documents shapes and checks arguments; nothing here
-// validates.
+// CPU kernels of the model in fp32, loaded with ctypes by jamba/native.py, which documents shapes and checks
+// arguments; nothing here validates.
+// - The Mamba mixer: the causal conv with SiLU (whole sequence and one token) and the selective scan fused with what
+//   surrounds it (RMSNorm of dt, B and C, the dt projection, softplus, the D skip and the SiLU gate).
+// - Decode-sized steps (a few rows): matrix products that read each weight once, the SwiGLU MLP, the experts, the
+//   attention step from the cache, and whole halves of a block, so that a step makes a few calls per layer.
 //
 // Layout: activations are (B, L, I) with channels last, so eight neighbouring channels form one vector and the
 // scan runs eight channels at a time; I must be a multiple of 8. The SSM state is (slots, I, N) and the conv
@@ -9,7 +11,7 @@
 //
 // Vectors are GCC vector extensions, so the compiler emits AVX2 where the build enables it and narrower code
 // elsewhere. exp and log1p are polynomial approximations (relative error below 1e-6), because a scalar libm call
-// per element would cost more than the rest of the scan.
+// per element would cost more than the rest of the scan. Work is split over PyTorch's intra-op threads.
 
 #include <ATen/Parallel.h>
 
