@@ -404,7 +404,8 @@ class MambaMixer(nn.Module):
         in_proj, x_proj, out_proj = modules["in_proj"], modules["x_proj"], modules["out_proj"]
         conv, dt_proj = modules["conv1d"], modules["dt_proj"]
         norms = (norm, modules["dt_layernorm"], modules["b_layernorm"], modules["c_layernorm"])
-        if any(type(m) is not nn.Linear for m in (in_proj, x_proj, out_proj, dt_proj)) or type(conv) is not nn.Conv1d:
+        if (any(type(m) is not nn.Linear for m in (in_proj, x_proj, out_proj, dt_proj)) or type(conv) is not nn.Conv1d
+                or any(type(n) is not RMSNorm for n in norms)):
             return None
         tensors = (*(n._parameters["weight"] for n in norms), in_proj._parameters["weight"],
                    in_proj._parameters["bias"], conv._parameters["weight"], conv._parameters["bias"],
@@ -705,11 +706,17 @@ class JambaLayer(nn.Module):
         MambaMixer._step_plan.
         """
         norm, ff = self._modules["pre_ff_layernorm"], self._modules["feed_forward"]
+        if type(norm) is not RMSNorm:
+            return None
         if self.kind.has_experts:
-            router = ff._modules["router"]._parameters["weight"]
-            mlps = [expert.plain_weights() for expert in ff._modules["experts"]]
+            router = ff._modules["router"] if type(ff) is SparseMoE else None
+            if type(router) is not Router:  # wrapped, by peft for instance
+                return None
+            router = router._parameters["weight"]
+            mlps = [expert.plain_weights() if type(expert) is MLP else None for expert in ff._modules["experts"]]
         else:
-            router, mlps = None, [ff.plain_weights()]
+            mlps = [ff.plain_weights() if type(ff) is MLP else None]
+            router = None
         if not mlps or any(m is None for m in mlps):
             return None
         tensors = (norm._parameters["weight"], router, *(w for m in mlps for w in m))
