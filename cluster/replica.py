@@ -153,7 +153,7 @@ class RayReplica:
     def _step(self, step: StepInput) -> torch.Tensor:
         self._ensure_healthy()
         if self.transport == "collective":
-            # The shards first: a layer group's first tokens for them come within a millisecond of its start.
+            # Shards start first, because a layer group sends them its first tokens within a millisecond of starting.
             refs = [s.forward_collective.remote(step) for s in self.shards]
             refs += [g.forward_collective.remote(step) for g in self.groups]
             return self._wait(refs, "step")[-1]

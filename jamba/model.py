@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from jamba import ssm
+from jamba import native, ssm
+from jamba.native import MAX_LINEAR_ROWS, MAX_STATE
 
 log = logging.getLogger(__name__)
 
@@ -241,9 +242,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            native = _native_kernels(x, (self.weight,)) if x.is_contiguous() else None
-            if native is not None:
-                return native.rms_norm(x, self.weight, self.eps)
+            kernels = _native_for_small_product(x, (self.weight,)) if x.is_contiguous() else None
+            if kernels is not None:
+                return kernels.rms_norm(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
         # Lower precision: normalise in fp32, round, then scale, in the order transformers' Jamba does.
         dtype = x.dtype
@@ -268,9 +269,9 @@ class Attention(nn.Module):
     def forward(self, x, masks: "Masks", view: CacheView | None = None):
         batch, length, _ = x.shape
         if view is not None and not view.prefill:
-            native = _native_for_decode(x, view.cache.keys[self.layer_idx])
-            if native is not None:
-                return self._step_native(x, view, native)
+            kernels = _native_for_decode(x, view.cache.keys[self.layer_idx])
+            if kernels is not None:
+                return self._step_native(x, view, kernels)
         mask = masks.attention
         q = dense(self.q_proj, x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
         k = dense(self.k_proj, x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, L, Dh)
@@ -288,15 +289,15 @@ class Attention(nn.Module):
 
         return dense(self.o_proj, out.transpose(1, 2).reshape(batch, length, -1))
 
-    def _step_native(self, x, view, native):
+    def _step_native(self, x, view, kernels):
         """Run a decode step with the cache update and the attention in one native call."""
         batch = x.shape[0]
         q = dense(self.q_proj, x).view(batch, self.num_heads, self.head_dim)
         k = dense(self.k_proj, x).view(batch, self.num_kv_heads, self.head_dim)
         v = dense(self.v_proj, x).view(batch, self.num_kv_heads, self.head_dim)
         cache = view.cache
-        out = native.attention_step(q.contiguous(), k.contiguous(), v.contiguous(), cache.keys[self.layer_idx],
-                                    cache.values[self.layer_idx], view.slots, view.positions.contiguous())
+        out = kernels.attention_step(q.contiguous(), k.contiguous(), v.contiguous(), cache.keys[self.layer_idx],
+                                     cache.values[self.layer_idx], view.slots, view.positions.contiguous())
         return dense(self.o_proj, out.view(batch, 1, -1))
 
     def _store_prompt(self, k, v, padding, view):
@@ -371,9 +372,7 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2))
 
     def _native_applies(self, x) -> bool:
-        """Whether the fused CPU kernels can run this call: fp32 inference with plain modules around the scan."""
-        from jamba.native import MAX_STATE
-
+        """Return whether the fused CPU kernels can run this call: fp32 inference, plain modules around the scan."""
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False  # the kernels have no backward
         return (x.dtype == torch.float32 and self.in_proj.weight.dtype == torch.float32
@@ -381,9 +380,9 @@ class MambaMixer(nn.Module):
                 and self.D.shape[0] % 8 == 0 and self.d_state <= MAX_STATE)
 
     def step_with_residual(self, x, norm: "RMSNorm", view: CacheView):
-        """Return x + self(norm(x)) for a decode step in one native call, or None where that does not apply."""
+        """Return x + self(norm(x)) for a decode step in one native call, or None where that call does not apply."""
         if (torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous()
-                or not 0 < x.shape[0] * x.shape[1] <= _MAX_LINEAR_ROWS):
+                or not 0 < x.shape[0] * x.shape[1] <= MAX_LINEAR_ROWS):
             return None
         kernels = ssm.resolve_kernels(self.scan_setting, "cpu").native
         plan = None if kernels is None else self._step_plan(norm)
@@ -395,10 +394,11 @@ class MambaMixer(nn.Module):
         return out.view_as(x)
 
     def _step_plan(self, norm: "RMSNorm"):
-        """The cached MambaStepPlan of norm and this mixer, made again when a parameter changed; None if not plain.
+        """Return the MambaStepPlan of norm and this mixer, or None if a module or parameter is not plain.
 
-        Modules and parameters are read from their dictionaries: nn.Module attribute lookups would cost more than
-        the native step's Python side otherwise does.
+        The plan is cached and made again when a parameter object changes. Modules and parameters are read from
+        their dictionaries, because nn.Module attribute lookups would cost more than the rest of the native step's
+        Python side.
         """
         modules = self._modules
         in_proj, x_proj, out_proj = modules["in_proj"], modules["x_proj"], modules["out_proj"]
@@ -419,14 +419,12 @@ class MambaMixer(nn.Module):
         present = [t for t in tensors if t is not None]
         if (tensors[9] is not None or tensors[11] is None  # x_proj without bias, dt_proj with one, as in Jamba
                 or any(t.dtype != torch.float32 or not t.is_contiguous() for t in present)
-                or norm.weight.shape[0] % 8 or self.D.shape[0] % 8 or self.d_state % 8 or self.d_state > 64):
+                or norm.weight.shape[0] % 8 or self.D.shape[0] % 8 or self.d_state % 8 or self.d_state > MAX_STATE):
             return None
-        from jamba.native import MambaStepPlan
-
         def address(t):
             return None if t is None else t.data_ptr()
 
-        self._plan = MambaStepPlan(
+        self._plan = native.MambaStepPlan(
             tensors, address(tensors[0]), norm.eps, address(tensors[4]), address(tensors[5]), address(tensors[6]),
             address(tensors[7]), address(tensors[8]), address(tensors[1]), address(tensors[2]), address(tensors[3]),
             norms[1].eps, address(tensors[10]), address(tensors[11]), address(tensors[12]), address(tensors[13]),
@@ -434,7 +432,7 @@ class MambaMixer(nn.Module):
         return self._plan
 
     def _forward_native(self, x, pad_mask, view, kernels):
-        """The mixer in channels-last layout, with the conv and the scan (norms, dt, gate included) in C++."""
+        """Run the mixer in channels-last layout, with the conv and the scan (norms, dt, gate included) in C++."""
         channels = self.D.shape[0]
         if pad_mask is not None:
             x = x * pad_mask[..., None].to(x.dtype)
@@ -462,7 +460,7 @@ class MambaMixer(nn.Module):
         return dense(self.out_proj, y)
 
     def _negative_A(self):
-        """-exp(A_log), computed again only when A_log changes (its storage or its in-place version)."""
+        """Return -exp(A_log), computed again only when A_log changes (its storage or its in-place version)."""
         key = (self.A_log.data_ptr(), self.A_log._version)
         if getattr(self, "_A_key", None) != key:
             self._A, self._A_key = -torch.exp(self.A_log.detach()), key
@@ -500,15 +498,16 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x):
-        native = _native_kernels(x, self.plain_weights())
-        if native is not None:
+        weights = self.plain_weights()
+        kernels = _native_for_small_product(x, weights)
+        if kernels is not None:
             flat = x.reshape(-1, x.shape[-1]).contiguous()
-            return native.mlp_small(flat, *self.plain_weights()).view_as(x)
+            return kernels.mlp_small(flat, *weights).view_as(x)
         return dense(self.down_proj, swiglu(dense(self.gate_proj, x), dense(self.up_proj, x)))
 
     def plain_weights(self):
-        """(gate, up, down) weights when all three are plain contiguous fp32 nn.Linear without bias, else None."""
-        modules = self._modules  # directly: nn.Module attribute lookups cost more than the rest of this check
+        """Return the (gate, up, down) weights if all three are plain contiguous fp32 nn.Linear without bias."""
+        modules = self._modules  # read directly, because nn.Module attribute lookups cost more than this check
         layers = (modules["gate_proj"], modules["up_proj"], modules["down_proj"])
         weights = []
         for layer in layers:
@@ -522,8 +521,8 @@ class MLP(nn.Module):
         return tuple(weights)
 
 
-def _native_kernels(x, weights):
-    """Return the native kernels if they can run a small-batch product of x (..., D) with these weights, else None."""
+def _native_for_small_product(x, weights):
+    """Return the native kernels if they can multiply a few rows x (..., D) by these weights, else None."""
     if weights is None or x.shape[-1] % 8 or weights[0].shape[0] % 8:
         return None
     return _native_for_decode(x, *weights)
@@ -532,48 +531,42 @@ def _native_kernels(x, weights):
 def _native_for_decode(x, *tensors):
     """Return the native kernels for a decode-sized fp32 CPU inference call on x and these tensors, else None."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (not 0 < rows <= _MAX_LINEAR_ROWS or x.dtype != torch.float32 or x.device.type != "cpu"
+    if (not 0 < rows <= MAX_LINEAR_ROWS or x.dtype != torch.float32 or x.device.type != "cpu"
             or any(t.dtype != torch.float32 for t in tensors) or not _inference_only(x, *tensors)):
         return None
-    from jamba import native
-
     return native.kernels()
 
 
 def _inference_only(*tensors) -> bool:
-    """Whether no gradient can flow through an operation on these tensors."""
+    """Return whether no gradient can flow through an operation on these tensors."""
     return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
 
 
 def dense(module: nn.Linear, x):
-    """module(x); a plain fp32 nn.Linear on CPU takes the native small-batch kernel for up to 64 rows.
+    """Return module(x), through the native small-batch kernel for a plain fp32 nn.Linear on CPU and few rows.
 
-    A decode step multiplies a few rows by every weight matrix, and the kernel reads each weight once; MKL's
-    products spend most of their time copying the weights at these sizes. Anything else, a peft-wrapped layer
-    included, calls the module.
+    A decode step multiplies a few rows by every weight matrix, and the kernel reads each weight once. At these
+    sizes a perf profile of MKL's products showed most of their time in copying the weights. Anything else, a
+    peft-wrapped layer included, calls the module.
     """
     if type(module) is nn.Linear and x.shape[-1] % 8 == 0:
         params = module._parameters
-        native = _native_for_decode(x, params["weight"])
-        if native is not None and params["weight"].is_contiguous():
+        kernels = _native_for_decode(x, params["weight"])
+        if kernels is not None and params["weight"].is_contiguous():
             rows = x.numel() // x.shape[-1]
             flat = x.reshape(rows, x.shape[-1])
             if flat.stride(-1) != 1:
                 flat = flat.contiguous()
-            out = native.linear_small(flat, params["weight"], params["bias"])
+            out = kernels.linear_small(flat, params["weight"], params["bias"])
             return out.view(*x.shape[:-1], out.shape[-1])
     return module(x)
 
 
-_MAX_LINEAR_ROWS = 64  # jamba.native.MAX_LINEAR_ROWS, kept here so that importing the model builds nothing
-
 
 def swiglu(gate, up):
-    """silu(gate) * up; one pass in the native kernels for fp32 inference on CPU."""
+    """Return silu(gate) * up, in one native pass for fp32 inference on CPU."""
     if (gate.dtype == torch.float32 and gate.device.type == "cpu" and gate.shape == up.shape
-            and gate.numel() % 8 == 0 and not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))):
-        from jamba import native
-
+            and gate.numel() % 8 == 0 and _inference_only(gate, up)):
         kernels = native.kernels()
         if kernels is not None:
             return kernels.silu_mul(gate.contiguous(), up.contiguous())
@@ -624,9 +617,9 @@ def run_experts(modules, expert_ids, x, weights, experts):
     expert shards, so that both do the same arithmetic.
     """
     mlps = [module.plain_weights() for module in modules]
-    native = None if any(m is None for m in mlps) else _native_kernels(x, mlps[0])
-    if native is not None:
-        return native.moe_small(x.contiguous(), weights.float().contiguous(), experts.contiguous(), expert_ids, mlps)
+    kernels = None if any(m is None for m in mlps) else _native_for_small_product(x, mlps[0])
+    if kernels is not None:
+        return kernels.moe_small(x.contiguous(), weights.float().contiguous(), experts.contiguous(), expert_ids, mlps)
     out = torch.zeros_like(x)
     routed = set(experts.unique().tolist())  # in a decode step most experts get no token
     for module, expert in zip(modules, expert_ids):
@@ -681,13 +674,11 @@ class JambaLayer(nn.Module):
     def _feed_forward_native(self, x):
         """Return (x + feed_forward(pre_ff_layernorm(x)), router logits) in one native call, or None."""
         if (torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous()
-                or x.shape[-1] % 8 or not 0 < x.numel() // x.shape[-1] <= _MAX_LINEAR_ROWS):
+                or x.shape[-1] % 8 or not 0 < x.numel() // x.shape[-1] <= MAX_LINEAR_ROWS):
             return None
         plan = self._feed_forward_plan()
         if plan is None:
             return None
-        from jamba import native
-
         kernels = native.kernels()
         if kernels is None:
             return None
@@ -700,10 +691,10 @@ class JambaLayer(nn.Module):
         return kernels.mlp_block(x.view(rows, -1), norm, plan.experts[0]).view_as(x), x.new_zeros(0, 0)
 
     def _feed_forward_plan(self):
-        """The cached weights of the feed-forward half for the native kernels, None if they are not all plain.
+        """Return the weights of the feed-forward half for the native kernels, or None if they are not all plain.
 
-        Made again when a parameter changed (compared by identity); read from the modules' dictionaries, as in
-        MambaMixer._step_plan.
+        As in MambaMixer._step_plan, the result is cached, made again when a parameter object changes, and read
+        from the modules' dictionaries.
         """
         norm, ff = self._modules["pre_ff_layernorm"], self._modules["feed_forward"]
         if type(norm) is not RMSNorm:
@@ -727,13 +718,13 @@ class JambaLayer(nn.Module):
         if (any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors if t is not None)
                 or mlps[0][0].shape[0] % 8):
             return None
-        from jamba.native import expert_table
-
-        self._ff_plan = _FeedForwardPlan(tensors, mlps, expert_table(mlps))
+        self._ff_plan = _FeedForwardPlan(tensors, mlps, native.expert_table(mlps))
         return self._ff_plan
 
 
 class _FeedForwardPlan(NamedTuple):
+    """Weights of a block's feed-forward half as the native kernels take them."""
+
     tensors: tuple  # (norm weight, router weight or None, then each expert's gate, up and down weights)
     experts: list  # [(gate, up, down)] per expert; one entry for a dense MLP
     table: torch.Tensor  # jamba.native.expert_table(experts)

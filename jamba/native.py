@@ -7,12 +7,15 @@ machine, which needs ninja and a C++ compiler. When the build fails, `kernels()`
 model keeps the PyTorch path. JAMBA_NATIVE_KERNELS=0 turns them off.
 
 Besides the Mamba conv and scan, decode-sized calls (up to MAX_LINEAR_ROWS rows) get kernels for the linear
-layers, the SwiGLU MLP, the experts, RMSNorm, the attention step, and whole halves of a block: at those sizes a
-step is bound by reading the weights once and by Python's per-operator cost, and one call per half-block removes
-most of the latter.
+layers, the SwiGLU MLP, the experts, RMSNorm, the attention step and whole halves of a block. At those sizes a
+step is bound by reading the weights and by Python's cost per operator, so one call per half-block removes most
+of the latter.
 
 Shapes, as in jamba/ssm.py: B rows, L steps, I channels (a multiple of 8), N d_state (at most 64), R dt_rank,
 W conv width, S cache slots. Activations are (B, L, I), channels last.
+
+NOTE: the methods of `Kernels` check nothing: a tensor of the wrong shape, dtype or layout makes the C++ code read
+or write out of bounds. jamba.model checks every condition before it calls them.
 """
 
 import ctypes
@@ -30,8 +33,26 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "mamba_cpu.cpp"
 MAX_STATE = 64  # kMaxState in the source
-MAX_LINEAR_ROWS = 64  # rows up to which the small-batch products beat MKL here (decode steps)
+MAX_LINEAR_ROWS = 64  # rows up to which the small-batch products beat MKL on the development machine
 
+# Argument types of the library's functions. Pointers travel as plain integers (tensor.data_ptr()), the cheapest
+# argument ctypes converts; None is a null pointer.
+_P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {
+    "jamba_conv": [_P, _I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I],
+    "jamba_conv_step": [_P, _I, _P, _P, _P, _P, _P, _I, _I, _I],
+    "jamba_scan": [_P, _P, _P, _I, _I, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _C, _P, _I, _I, _I, _I, _I],
+    "jamba_linear_small": [_P, _I, _P, _P, _P, _I, _I, _I],
+    "jamba_mlp_small": [_P, _P, _P, _P, _P, _I, _I, _I],
+    "jamba_moe_small": [_P, _P, _P, _I, _I, _P, _P, _P, _P, _I, _P, _I, _I],
+    "jamba_rms_norm": [_P, _P, _P, _I, _I, _F],
+    "jamba_attention_step": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F],
+    "jamba_mamba_step": [_P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _P, _P,
+                         _I, _I, _I, _I, _I, _I],
+    "jamba_mlp_block": [_P, _P, _F, _P, _P, _P, _P, _I, _I, _I],
+    "jamba_moe_block": [_P, _P, _F, _P, _I, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I],
+    "jamba_silu_mul": [_P, _P, _P, _I],
+}
 
 
 def _cpu_flags() -> set[str]:
@@ -56,44 +77,15 @@ class Kernels:
 
     def __init__(self, path: str):
         lib = ctypes.CDLL(path)
-        # Pointers travel as plain integers (tensor.data_ptr()), the cheapest argument ctypes converts.
-        f, i64, ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        self._conv = lib.jamba_conv
-        self._conv.argtypes = [f, i64, i64, f, f, f, f, f, i64, i64, i64, i64]
-        self._conv_step = lib.jamba_conv_step
-        self._conv_step.argtypes = [f, i64, f, f, f, f, f, i64, i64, i64]
-        self._scan = lib.jamba_scan
-        self._scan.argtypes = [f, f, f, i64, i64, f, f, f, ctypes.c_float, f, f, f, f, f, f, f, ci, f,
-                               i64, i64, i64, i64, i64]
-        self._linear_small = lib.jamba_linear_small
-        self._linear_small.argtypes = [f, i64, f, f, f, i64, i64, i64]
-        self._mlp_small = lib.jamba_mlp_small
-        self._mlp_small.argtypes = [f, f, f, f, f, i64, i64, i64]
-        self._moe_small = lib.jamba_moe_small
-        self._moe_small.argtypes = [f, f, f, i64, i64, f, f, f, f, i64, f, i64, i64]
-        self._rms_norm = lib.jamba_rms_norm
-        self._rms_norm.argtypes = [f, f, f, i64, i64, ctypes.c_float]
-        self._attention_step = lib.jamba_attention_step
-        self._attention_step.argtypes = [f, f, f, f, f, f, f, f, i64, i64, i64, i64, i64, ctypes.c_float]
-        self._mamba_step = lib.jamba_mamba_step
-        c_float = ctypes.c_float
-        self._mamba_step.argtypes = [f, f, c_float, f, f, f, f, f, f, f, f, f, c_float, f, f, f, f, f, f, f, f, f,
-                                     i64, i64, i64, i64, i64, i64]
-        self._mlp_block = lib.jamba_mlp_block
-        self._mlp_block.argtypes = [f, f, c_float, f, f, f, f, i64, i64, i64]
-        self._moe_block = lib.jamba_moe_block
-        self._moe_block.argtypes = [f, f, c_float, f, i64, f, f, f, f, i64, f, f, i64, i64, i64]
-        self._silu_mul = lib.jamba_silu_mul
-        self._silu_mul.argtypes = [f, f, f, i64]
-        for fn in (self._conv, self._conv_step, self._scan, self._silu_mul, self._linear_small, self._mlp_small,
-                   self._moe_small, self._rms_norm, self._attention_step, self._mamba_step, self._mlp_block,
-                   self._moe_block):
-            fn.restype = None
+        for name, argtypes in _SIGNATURES.items():
+            function = getattr(lib, name)
+            function.argtypes, function.restype = argtypes, None
+            setattr(self, "_" + name.removeprefix("jamba_"), function)
 
     def linear_small(self, x, weight, bias=None) -> torch.Tensor:
-        """x (M, K) with unit column stride, M <= MAX_LINEAR_ROWS, K a multiple of 8 -> x @ weight^T + bias (M, N).
+        """Return x @ weight^T + bias (M, N) for x (M, K) with unit column stride, M <= MAX_LINEAR_ROWS.
 
-        weight (N, K) and bias (N,) contiguous.
+        K is a multiple of 8; weight (N, K) and bias (N,) are contiguous.
         """
         rows, size = x.shape
         out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
@@ -101,19 +93,19 @@ class Kernels:
         return out
 
     def mlp_small(self, x, gate, up, down) -> torch.Tensor:
-        """The SwiGLU MLP down(silu(gate(x)) * up(x)) for x (M, D) contiguous, M <= MAX_LINEAR_ROWS.
+        """Return the SwiGLU MLP down(silu(gate(x)) * up(x)) for x (M, D) contiguous, M <= MAX_LINEAR_ROWS.
 
-        gate and up (F, D), down (D, F), contiguous, without biases; D and F multiples of 8.
+        gate and up are (F, D) and down (D, F), contiguous, without biases. D and F are multiples of 8.
         """
         out = torch.empty_like(x)
         self._mlp_small(_ptr(x), _ptr(gate), _ptr(up), _ptr(down), _ptr(out), x.shape[0], x.shape[1], gate.shape[0])
         return out
 
     def moe_small(self, x, weights, experts, ids, mlps) -> torch.Tensor:
-        """jamba.model.run_experts for x (T, D) contiguous, T <= MAX_LINEAR_ROWS.
+        """Compute jamba.model.run_experts for x (T, D) contiguous, T <= MAX_LINEAR_ROWS.
 
-        weights (T, K) fp32 and experts (T, K) int64, contiguous; mlps[j] = (gate, up, down) weights of expert
-        ids[j], as in `mlp_small`.
+        weights (T, K) fp32 and experts (T, K) int64 are contiguous. mlps[j] = (gate, up, down) are the weights of
+        expert ids[j], as in `mlp_small`.
         """
         tokens, k = experts.shape
         table, ids = expert_table(mlps), torch.tensor(list(ids), dtype=torch.int64)
@@ -123,7 +115,7 @@ class Kernels:
         return out
 
     def mlp_block(self, x, norm, weights) -> torch.Tensor:
-        """x + mlp(norm(x)) for rows x (T, D) contiguous; weights = (gate, up, down) as in `mlp_small`."""
+        """Return x + mlp(norm(x)) for rows x (T, D) contiguous, with weights = (gate, up, down) as in `mlp_small`."""
         out = torch.empty_like(x)
         gate, up, down = weights
         self._mlp_block(_ptr(x), _ptr(norm.weight), norm.eps, _ptr(gate), _ptr(up), _ptr(down), _ptr(out),
@@ -131,10 +123,10 @@ class Kernels:
         return out
 
     def moe_block(self, x, norm, router, top_k: int, table, sizes):
-        """x + the experts' weighted sum for rows x (T, D) contiguous, and the router logits (T, E).
+        """Return x + the experts' weighted sum for rows x (T, D) contiguous, and the router logits (T, E).
 
-        norm is the pre-feed-forward RMSNorm and router the (E, D) router weight; `table` comes from
-        `expert_table` over all E experts in order, and `sizes` is (E, F), F the experts' intermediate size.
+        norm is the pre-feed-forward RMSNorm and router the (E, D) router weight. `table` comes from
+        `expert_table` over all E experts in order. `sizes` is (E, F), F being the experts' intermediate size.
         """
         experts, hidden = sizes
         out = torch.empty_like(x)
@@ -146,10 +138,10 @@ class Kernels:
         return out, logits
 
     def attention_step(self, q, k, v, keys, values, slots, positions) -> torch.Tensor:
-        """One decode step of attention from the cache: q (B, H, Dh), k and v (B, G, Dh), contiguous.
+        """Run one decode step of attention from the cache: q (B, H, Dh), k and v (B, G, Dh), contiguous.
 
-        Stores k and v at `positions` (B,) of `slots` (B,) in keys and values (S, G, T, Dh), then attends over
-        each slot's positions up to and including the new one, scaled by 1/sqrt(Dh). Returns (B, H, Dh).
+        Store k and v at `positions` (B,) of `slots` (B,) in keys and values (S, G, T, Dh), then attend over each
+        slot's positions up to and including the new one, scaled by 1/sqrt(Dh). Return (B, H, Dh).
         """
         batch, heads, size = q.shape
         out = torch.empty_like(q)
@@ -158,67 +150,67 @@ class Kernels:
         return out
 
     def mamba_step(self, x, plan, conv_cache, ssm_cache, slots, A) -> torch.Tensor:
-        """x + mixer(norm(x)) for one decode step of rows x (B, Dm), contiguous (see jamba_mamba_step).
+        """Return x + mixer(norm(x)) for one decode step of rows x (B, Dm), contiguous (see jamba_mamba_step).
 
         `plan` is a MambaStepPlan of the block's RMSNorm and MambaMixer; A is -exp(mixer.A_log).
         """
         batch, width = x.shape
         out = torch.empty_like(x)
-        p = plan
-        self._mamba_step(x.data_ptr(), p.norm, p.norm_eps, p.in_weight, p.in_bias, p.conv_weight, p.conv_bias,
-                         conv_cache.data_ptr(), p.x_weight, p.dt_norm, p.b_norm, p.c_norm, p.eps, p.dt_weight,
-                         p.dt_bias, A.data_ptr(), p.skip, p.out_weight, p.out_bias, ssm_cache.data_ptr(),
-                         slots.data_ptr(), out.data_ptr(), batch, width, p.channels, p.state, p.rank, p.conv_width)
+        self._mamba_step(x.data_ptr(), plan.norm, plan.norm_eps, plan.in_weight, plan.in_bias, plan.conv_weight,
+                         plan.conv_bias, conv_cache.data_ptr(), plan.x_weight, plan.dt_norm, plan.b_norm, plan.c_norm,
+                         plan.eps, plan.dt_weight, plan.dt_bias, A.data_ptr(), plan.skip, plan.out_weight,
+                         plan.out_bias, ssm_cache.data_ptr(), slots.data_ptr(), out.data_ptr(), batch, width,
+                         plan.channels, plan.state, plan.rank, plan.conv_width)
         return out
 
     def rms_norm(self, x, weight, eps: float) -> torch.Tensor:
-        """RMSNorm of the last dimension of contiguous fp32 x, as torch's rms_norm computes it."""
+        """Return the RMSNorm of the last dimension of contiguous fp32 x, as torch's rms_norm computes it."""
         out = torch.empty_like(x)
         self._rms_norm(_ptr(x), _ptr(weight), _ptr(out), x.numel() // x.shape[-1], x.shape[-1], eps)
         return out
 
     def silu_mul(self, gate, up) -> torch.Tensor:
-        """silu(gate) * up for contiguous fp32 tensors of one shape with a multiple of 8 elements."""
+        """Return silu(gate) * up for contiguous fp32 tensors of one shape with a multiple of 8 elements."""
         out = torch.empty_like(gate)
         self._silu_mul(_ptr(gate), _ptr(up), _ptr(out), gate.numel())
         return out
 
     def conv(self, x, weight, bias, conv_cache=None, slots=None) -> torch.Tensor:
-        """x (B, L, I) with unit channel stride -> silu(causal depthwise conv(x) + bias) (B, L, I).
+        """Return silu(causal depthwise conv(x) + bias) (B, L, I) for x (B, L, I) with unit channel stride.
 
-        weight (I, W) and bias (I,) contiguous; with conv_cache (S, I, W) and slots (B,), each row's last W inputs
-        are stored in its slot.
+        weight (I, W) and bias (I,) are contiguous. With conv_cache (S, I, W) and slots (B,), each row's last W
+        inputs are stored in its slot.
         """
         batch, length, channels = x.shape
         out = torch.empty(batch, length, channels, dtype=torch.float32)
         self._conv(_ptr(x), x.stride(0), x.stride(1), _ptr(weight), _ptr(bias), _ptr(out), _ptr(conv_cache),
-                   _slots_ptr(slots), batch, length, channels, weight.shape[1])
+                   _ptr(slots), batch, length, channels, weight.shape[1])
         return out
 
     def conv_step(self, x, weight, bias, conv_cache, slots) -> torch.Tensor:
-        """x (B, I) with unit channel stride: shift each row into its slot's window; return silu(conv + bias) (B, I)."""
+        """Shift each row of x (B, I) into its slot's window and return silu(conv + bias) (B, I)."""
         batch, channels = x.shape
         out = torch.empty(batch, channels, dtype=torch.float32)
         self._conv_step(_ptr(x), x.stride(0), _ptr(weight), _ptr(bias), _ptr(out), _ptr(conv_cache),
-                        _slots_ptr(slots), batch, channels, weight.shape[1])
+                        _ptr(slots), batch, channels, weight.shape[1])
         return out
 
     def scan(self, u, dbc, z, norms, eps, dt_weight, dt_bias, A, D, ssm_cache=None, slots=None,
              from_state=False, return_last_state=False):
-        """The selective scan fused with the RMSNorm of dt, B and C, the dt projection, softplus, D and the gate.
+        """Run the selective scan fused with the RMSNorm of dt, B and C, the dt projection, softplus, D and the gate.
 
-        u (B, L, I) contiguous; dbc (B, L, R + 2N) contiguous, x_proj's output before the norms; z (B, L, I) with
-        unit channel stride; norms the three norm weights (R,), (N,), (N,); dt_weight (I, R), dt_bias (I,),
-        A (I, N) (already negative), D (I,) or None. The state starts from the slots' cached state when
-        from_state, from zeros otherwise, and its last value goes back to ssm_cache (S, I, N) when given.
-        Returns y (B, L, I), and the last state (B, I, N) when return_last_state.
+        u (B, L, I) is contiguous, and so is dbc (B, L, R + 2N), x_proj's output before the norms. z (B, L, I) has
+        unit channel stride. norms are the three norm weights (R,), (N,), (N,). dt_weight is (I, R), dt_bias (I,),
+        A (I, N) already negative, D (I,) or None. The state starts from the slots' cached state when from_state
+        is set, and from zeros otherwise. Its last value goes back to ssm_cache (S, I, N) when that is given.
+        Return y (B, L, I), and the last state (B, I, N) when return_last_state.
         """
         batch, length, channels = u.shape
         state_size, rank = A.shape[1], dt_weight.shape[1]
         y = torch.empty_like(u)
         last = torch.empty(batch, channels, state_size, dtype=torch.float32) if return_last_state else None
         self._scan(_ptr(u), _ptr(dbc), _ptr(z), z.stride(0), z.stride(1), *(_ptr(w) for w in norms), eps,
-                   _ptr(dt_weight), _ptr(dt_bias), _ptr(A), _ptr(D), _ptr(y), _ptr(ssm_cache), _slots_ptr(slots),
+                   _ptr(dt_weight), _ptr(dt_bias), _ptr(A), _ptr(D), _ptr(y), _ptr(ssm_cache), _ptr(slots),
                    int(from_state), _ptr(last), batch, length, channels, state_size, rank)
         return (y, last) if return_last_state else y
 
@@ -254,7 +246,7 @@ class MambaStepPlan(NamedTuple):
 
 
 def expert_table(mlps) -> torch.Tensor:
-    """Addresses (3, E) of the experts' gate, up and down weights, mlps[e] = (gate, up, down), for the kernels.
+    """Return the addresses (3, E) of the experts' gate, up and down weights, mlps[e] = (gate, up, down).
 
     The addresses are valid while those weights live; callers keep the weights next to the table.
     """
@@ -265,16 +257,14 @@ def _ptr(tensor):
     return None if tensor is None else tensor.data_ptr()
 
 
-_slots_ptr = _ptr
-
 
 @functools.lru_cache(maxsize=None)
 def kernels() -> Kernels | None:
-    """Build (or find in torch's extension cache) and load the kernels; None, with the reason logged, on failure."""
+    """Build (or find in torch's extension cache) and load the kernels; return None and log why on failure."""
     from torch.utils.cpp_extension import load
 
     if os.environ.get("JAMBA_NATIVE_KERNELS", "1") == "0":
-        log.info("native CPU kernels disabled by JAMBA_NATIVE_KERNELS=0; the PyTorch path runs")
+        log.info("native CPU kernels are disabled by JAMBA_NATIVE_KERNELS=0; the PyTorch path runs")
         return None
     name, flags = _arch_flags()
     # pip's ninja lives next to the interpreter, which is not on PATH when a virtual environment's python runs
@@ -283,11 +273,12 @@ def kernels() -> Kernels | None:
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join(filter(None, [bin_dir, os.environ.get("PATH")]))
     try:
-        # -fopenmp makes at::parallel_for in the source run on PyTorch's OpenMP pool (the process already holds
-        # the libgomp that torch ships, and the kernels link to that same library).
+        # -fopenmp makes at::parallel_for in the source run on PyTorch's OpenMP pool: torch has already loaded its
+        # own libgomp into the process, and the kernels bind to that library.
         path = load(name=f"jamba_mamba_cpu_{name}", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *flags],
                     extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         return Kernels(path)
     except Exception as error:  # a missing compiler or ninja shows up as one of several exception types
-        log.warning("the native CPU kernels could not be built, the PyTorch path runs instead: %s", error)
+        log.warning("building the native CPU kernels failed, so the PyTorch path runs (install a C++ compiler "
+                    "and ninja to use them): %s", error)
         return None

@@ -219,6 +219,10 @@ def resolve_kernels(setting: str, device_type: str) -> ScanKernels:
     if setting not in SCAN_SETTINGS:
         raise ValueError(f"scan must be one of {SCAN_SETTINGS}, got {setting!r}")
 
+    if setting == "native" and device_type != "cpu":
+        raise ValueError(f"scan='native' runs on the CPU only, but the model is on {device_type!r}; "
+                         "use scan='auto' to pick the path for that device")
+
     if setting == "ref":
         kernels, reason = REF_KERNELS, "requested"
     elif setting == "torch":
@@ -226,18 +230,14 @@ def resolve_kernels(setting: str, device_type: str) -> ScanKernels:
     elif device_type != "cuda":
         if setting == "cuda":
             raise ValueError(f"scan='cuda' needs a CUDA device, but the model is on {device_type!r}")
-        if device_type != "cpu" and setting == "native":
-            raise ValueError(f"scan='native' runs on the CPU, but the model is on {device_type!r}")
         native = _native_kernels() if device_type == "cpu" else None
         if native is not None:
             kernels, reason = native, "requested" if setting == "native" else "the C++ kernels built"
         elif setting == "native":
-            raise RuntimeError("scan='native' needs the C++ kernels of jamba.native, which did not build; the "
-                               "logged warning says why (a C++ compiler and ninja are needed)")
+            raise RuntimeError("scan='native' needs the C++ kernels of jamba.native, which failed to build (the "
+                               "logged warning has the error); install a C++ compiler and ninja, or use scan='auto'")
         else:
             kernels, reason = TORCH_KERNELS, f"device is {device_type}, no native kernels"
-    elif setting == "native":
-        raise ValueError("scan='native' runs on the CPU, but the model is on 'cuda'")
     else:
         try:
             kernels, reason = _cuda_kernels(), "mamba-ssm and causal-conv1d kernels imported"

@@ -86,13 +86,17 @@ def summarize(args, name: str) -> ModelSummary:
 
 
 def serving_threads() -> int:
-    """Torch threads for a serving process: every core it may use but one, which is left to the event loop.
+    """Return the torch threads for a serving process: every usable core but one, which is left to the event loop.
 
     The gRPC event loop runs Python between model steps and during them. When the model's threads take every
     core, each of their parallel regions waits for the thread whose core the loop took, so a step slows down far
     more than the one core would explain.
     """
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:  # macOS and Windows have no CPU affinity call
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def slots_for_memory(model, max_len: int, memory_budget_bytes: int) -> int:

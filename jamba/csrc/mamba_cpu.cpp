@@ -86,8 +86,8 @@ inline v8 softplus8(v8 x) {
 
 inline v8 silu8(v8 x) { return x / (splat(1.0f) + exp8(-x)); }
 
-// Run fn(first, last) over ranges of [0, count) on PyTorch's intra-op threads (the pool its operators use, so
-// the two never compete for cores), or on the calling thread when the work is small.
+// Run fn(first, last) over ranges of [0, count) on PyTorch's intra-op threads, or on the calling thread when the
+// work is small. Sharing the pool that PyTorch's operators use keeps a second set of threads off the cores.
 template <typename Fn>
 void parallel_for(int64_t count, bool split, const Fn& fn) {
     if (!split) {
@@ -173,8 +173,8 @@ void dot_rows(const float* x, int64_t sx, const float* weight, const float* bias
     }
 }
 
-// out (M, N) = x (M, K) @ weight (N, K)^T (+ bias), K a multiple of 8. Threads take slices of 64 weight rows; each
-// slice (64 K floats, in L2) serves the rows of x eight at a time, so the weights come from memory once.
+// out (M, N) = x (M, K) @ weight (N, K)^T (+ bias), K a multiple of 8. Threads take slices of 64 weight rows. A
+// slice (64 K floats) stays in L2 while it serves the rows of x eight at a time, so the weights come from memory once.
 void linear_small(const float* x, int64_t sx, const float* weight, const float* bias, float* out, int64_t M,
                   int64_t N, int64_t K) {
     at::parallel_for(0, N, 64, [&](int64_t first, int64_t last) {
@@ -307,7 +307,7 @@ void jamba_conv_step(const float* x, int64_t sx_b, const float* weight, const fl
 //   h = exp(delta * A) * h + delta * u[b, t] * Bt        (I, N)
 //   y[b, t] = (h @ Ct + D * u[b, t]) * silu(z[b, t])
 // u and y are (B, L, I); z[b, t, i] is at z + b * sz_b + t * sz_t + i. h starts from the slot's cached state when
-// from_state is set and from zeros otherwise; the last h goes back to ssm_cache (when given) and to last_state.
+// from_state is set, and from zeros otherwise. The last h goes back to ssm_cache and to last_state, where given.
 void jamba_scan(const float* u, const float* dbc, const float* z, int64_t sz_b, int64_t sz_t,
                 const float* dt_norm_weight, const float* b_norm_weight, const float* c_norm_weight, float eps,
                 const float* dt_weight, const float* dt_bias, const float* A, const float* D, float* y,
@@ -401,10 +401,10 @@ void jamba_mlp_small(const float* x, const float* gate, const float* up, const f
     swiglu_mlp(x, gate, up, down, out, M, D, F);
 }
 
-// One decode step of grouped-query attention straight from the cache. For each row b: K and V of the new token
-// (k, v: (B, G, Dh)) go to position positions[b] of slot slots[b] (keys, values: (S, G, T, Dh)), and each of the H
-// query heads (q: (B, H, Dh)) attends over positions 0..positions[b] of its group (head h uses group h / (H / G))
-// with softmax(q . k * scale). out is (B, H, Dh).
+// One decode step of grouped-query attention straight from the cache. For each row b, K and V of the new token
+// (k, v: (B, G, Dh)) go to position positions[b] of slot slots[b] (keys, values: (S, G, T, Dh)). Then each of the
+// H query heads (q: (B, H, Dh)) attends over positions 0..positions[b] of its group with softmax(q . k * scale);
+// head h uses group h / (H / G). out is (B, H, Dh).
 void jamba_attention_step(const float* q, const float* k, const float* v, float* keys, float* values,
                           const int64_t* slots, const int64_t* positions, float* out, int64_t B, int64_t H,
                           int64_t G, int64_t T, int64_t Dh, float scale) {

@@ -122,7 +122,7 @@ def test_top_k_one_is_greedy(model):
     assert sampled[0].tokens == greedy
 
 
-def test_sampled_tokens_follow_the_filtered_distribution():
+def test_sampling_follows_filtered_distribution():
     from jamba.sampling import filter_logits, sample
 
     torch.manual_seed(0)

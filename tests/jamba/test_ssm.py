@@ -66,7 +66,7 @@ def test_auto_picks_native_path_on_cpu():
     assert ssm.resolve_kernels("auto", "cpu").name == "native"
 
 
-def test_auto_falls_back_to_torch_without_native_kernels(monkeypatch):
+def test_auto_falls_back_to_torch(monkeypatch):
     from jamba import native
 
     monkeypatch.setattr(native, "kernels", lambda: None)
@@ -82,6 +82,11 @@ def test_auto_falls_back_to_torch_without_native_kernels(monkeypatch):
 def test_cuda_path_on_cpu_is_rejected():
     with pytest.raises(ValueError, match="scan='cuda' needs a CUDA device"):
         ssm.resolve_kernels("cuda", "cpu")
+
+
+def test_native_path_off_cpu_is_rejected():
+    with pytest.raises(ValueError, match="scan='native' runs on the CPU only"):
+        ssm.resolve_kernels("native", "cuda")
 
 
 def test_unknown_setting_is_rejected():
