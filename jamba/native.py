@@ -66,8 +66,14 @@ def _cpu_flags() -> set[str]:
 
 
 def _arch_flags() -> tuple[str, list[str]]:
-    """Return the build's name and flags: AVX2 and FMA where the CPU has both, the compiler's default otherwise."""
-    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
+    """Return the build's name and flags: AVX-512 where the CPU has it, AVX2 and FMA where it has both, and the
+    compiler's default otherwise."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "generic", []
+    flags = _cpu_flags()
+    if {"avx2", "fma", "avx512f"} <= flags:
+        return "avx512", ["-mavx2", "-mfma", "-mavx512f"]
+    if {"avx2", "fma"} <= flags:
         return "avx2", ["-mavx2", "-mfma"]
     return "generic", []
 

@@ -10,12 +10,18 @@
 // window (slots, I, W), the layout of jamba.model.HybridCache.
 //
 // Vectors are GCC vector extensions, so the compiler emits AVX2 where the build enables it and narrower code
-// elsewhere. exp and log1p are polynomial approximations (relative error below 1e-6), because a scalar libm call
-// per element would cost more than the rest of the scan. Work is split over PyTorch's intra-op threads.
+// elsewhere. Builds with AVX-512 also get a matrix product for 16 rows or more written with its intrinsics. exp
+// and log1p are polynomial approximations (relative error below 1e-6), because a scalar libm call per element
+// would cost more than the rest of the scan. Work is split over PyTorch's intra-op threads.
 
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -38,32 +44,58 @@ inline v8 load8(const float* p) {
 
 inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
 
-inline v8 vmin(v8 a, v8 b) { return a < b ? a : b; }
-inline v8 vmax(v8 a, v8 b) { return a > b ? a : b; }
+// The math below also runs on 16-float vectors where the build has AVX-512 (the decode scan's state of 16).
+#if defined(__AVX512F__)
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+#endif
+template <class V> struct IntVector;
+template <> struct IntVector<v8> { typedef v8i type; };
+#if defined(__AVX512F__)
+template <> struct IntVector<v16> { typedef v16i type; };
+#endif
+
+template <class V>
+inline V load(const float* p) {
+    V v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+template <class V>
+inline void store(float* p, V v) { std::memcpy(p, &v, sizeof v); }
+
+template <class V>
+inline V vmin(V a, V b) { return a < b ? a : b; }
+template <class V>
+inline V vmax(V a, V b) { return a > b ? a : b; }
 
 // exp(x) for x in [-87, 88]: x = k ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^6 (relative
 // error below 2e-7), times 2^k built in the exponent bits, where 2^k stays a normal float.
-inline v8 exp_in_range8(v8 x) {
-    const v8 round = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-    v8 k = (x * splat(1.44269504088896341f) + round) - round;
-    v8 r = x - k * splat(0.693359375f) - k * splat(-2.12194440e-4f);
-    v8 p = splat(1.0f / 720);
-    p = p * r + splat(1.0f / 120);
-    p = p * r + splat(1.0f / 24);
-    p = p * r + splat(1.0f / 6);
-    p = p * r + splat(0.5f);
-    p = p * r + splat(1.0f);
-    p = p * r + splat(1.0f);
-    v8i bits = (__builtin_convertvector(k, v8i) + 127) << 23;
-    v8 scale;
+template <class V>
+inline V exp_in_range(V x) {
+    const V round = V{} + 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+    V k = (x * 1.44269504088896341f + round) - round;
+    V r = x - k * 0.693359375f - k * -2.12194440e-4f;
+    V p = V{} + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    typedef typename IntVector<V>::type VI;
+    VI bits = (__builtin_convertvector(k, VI) + 127) << 23;
+    V scale;
     std::memcpy(&scale, &bits, sizeof scale);
     return p * scale;
 }
 
-inline v8 exp8(v8 x) { return exp_in_range8(vmin(vmax(x, splat(-87.0f)), splat(88.0f))); }
+inline v8 exp8(v8 x) { return exp_in_range(vmin(vmax(x, splat(-87.0f)), splat(88.0f))); }
 
 // exp(x) for x <= 0, as the state's decay exp(delta * A) always is; below -87 it returns about 1e-38, not 0.
-inline v8 exp_nonpositive8(v8 x) { return exp_in_range8(vmax(x, splat(-87.0f))); }
+template <class V>
+inline V exp_nonpositive(V x) { return exp_in_range(vmax(x, V{} - 87.0f)); }
 
 // log(1 + y) for y in [0, 1], as 2 atanh(s) with s = y / (2 + y) <= 1/3, to the s^13 term.
 inline v8 log1p_unit8(v8 y) {
@@ -105,41 +137,64 @@ void rms_norm(float* x, const float* weight, int64_t n, float eps) {
     for (int64_t j = 0; j < n; ++j) x[j] = x[j] * scale * weight[j];
 }
 
-// One token per row from the cached state, with vectors along the state dimension: the state of a channel is
-// N contiguous floats in the cache, so it is read and written in place. Threads take ranges of 64 channels; for
-// each row, delta and the gate of eight channels are computed first. normed is (B, R + 2N) after the norms,
-// dt_weight (I, R).
+void linear_small(const float* x, int64_t sx, const float* weight, const float* bias, float* out, int64_t M,
+                  int64_t N, int64_t K);
+
+// Update the state of one channel for one row and return its output before D and the gate. A vector V contains a
+// slice of the N state values, which are contiguous in the cache, so they are read and written in place.
+template <class V>
+inline float scan_channel(float* h, const float* a, const float* p_b, const float* p_c, float delta, float du,
+                          int64_t N) {
+    V acc = V{};
+    for (int64_t n0 = 0; n0 < N; n0 += sizeof(V) / sizeof(float)) {
+        V next = exp_nonpositive(load<V>(a + n0) * delta) * load<V>(h + n0) + load<V>(p_b + n0) * du;
+        store(h + n0, next);
+        acc += next * load<V>(p_c + n0);
+    }
+    float sum = 0.0f;
+    for (size_t k = 0; k < sizeof(V) / sizeof(float); ++k) sum += acc[k];
+    return sum;
+}
+
+// One token per row from the cached state. delta comes first, for all rows in one product. Then threads take
+// ranges of 64 channels, and compute the gate of eight channels before their states. normed is (B, R + 2N) after
+// the norms, dt_weight (I, R).
 void scan_step(const float* u, const float* normed, const float* z, int64_t sz_b, const float* dt_weight,
                const float* dt_bias, const float* A, const float* D, float* y, float* ssm_cache,
                const int64_t* slots, int64_t B, int64_t I, int64_t N, int64_t R) {
+    const int64_t width = R + 2 * N;
+    std::vector<float> deltas(B * I);
+    if (R % 8 == 0) {
+        linear_small(normed, width, dt_weight, dt_bias, deltas.data(), B, I, R);
+    } else {
+        for (int64_t b = 0; b < B; ++b) {
+            for (int64_t i = 0; i < I; ++i) {
+                float dot = dt_bias[i];
+                for (int64_t r = 0; r < R; ++r) dot += normed[b * width + r] * dt_weight[i * R + r];
+                deltas[b * I + i] = dot;
+            }
+        }
+    }
     auto run = [&](int64_t first, int64_t last) {  // blocks of eight channels
         float delta[8], gate[8];
         for (int64_t b = 0; b < B; ++b) {
-            const float* p = normed + b * (R + 2 * N);
+            const float* p = normed + b * width;
             float* state = ssm_cache + slots[b] * I * N;
             const float* row_u = u + b * I;
             for (int64_t block = first; block < last; ++block) {
                 const int64_t i0 = block * 8;
-                for (int c = 0; c < 8; ++c) {
-                    const float* w = dt_weight + (i0 + c) * R;
-                    float dot = dt_bias[i0 + c];
-                    for (int64_t r = 0; r < R; ++r) dot += p[r] * w[r];
-                    delta[c] = dot;
-                }
-                store8(delta, softplus8(load8(delta)));
+                store8(delta, softplus8(load8(&deltas[b * I + i0])));
                 store8(gate, silu8(load8(z + b * sz_b + i0)));
                 for (int c = 0; c < 8; ++c) {
                     const int64_t i = i0 + c;
-                    const v8 d8 = splat(delta[c]), du = splat(delta[c] * row_u[i]);
-                    v8 acc = splat(0.0f);
-                    for (int64_t n0 = 0; n0 < N; n0 += 8) {
-                        float* h = state + i * N + n0;
-                        v8 next = exp_nonpositive8(d8 * load8(A + i * N + n0)) * load8(h) + du * load8(p + R + n0);
-                        store8(h, next);
-                        acc += next * load8(p + R + N + n0);
-                    }
-                    float sum = 0.0f;
-                    for (int k = 0; k < 8; ++k) sum += acc[k];
+                    float* h = state + i * N;
+#if defined(__AVX512F__)
+                    float sum = N % 16 == 0
+                        ? scan_channel<v16>(h, A + i * N, p + R, p + R + N, delta[c], delta[c] * row_u[i], N)
+                        : scan_channel<v8>(h, A + i * N, p + R, p + R + N, delta[c], delta[c] * row_u[i], N);
+#else
+                    float sum = scan_channel<v8>(h, A + i * N, p + R, p + R + N, delta[c], delta[c] * row_u[i], N);
+#endif
                     if (D) sum += D[i] * row_u[i];
                     y[b * I + i] = sum * gate[c];
                 }
@@ -173,10 +228,84 @@ void dot_rows(const float* x, int64_t sx, const float* weight, const float* bias
     }
 }
 
+#if defined(__AVX512F__)
+// Rows from which linear_small broadcasts weights against transposed rows (below, the dot products win).
+constexpr int64_t kBroadcastRows = 16;
+constexpr int kBroadcastWeightRows = 6;
+
+// yt[n, m] = out[m, n] for the weight rows [n, n + WR) and the rows [m0, m0 + 16 * MV) of x, from xt = x
+// transposed and zero-padded to `lanes` rows, (K, lanes); yt is (N, lanes). Each weight value is broadcast and
+// multiplied with 16 rows at once, so the sums need no horizontal adds; 6 x 2 accumulators fit the 32 registers
+// with room for the operands.
+template <int WR, int MV>
+void broadcast_block(const float* xt, int64_t lanes, int64_t m0, const float* weight, const float* bias, float* yt,
+                     int64_t n, int64_t K) {
+    __m512 acc[WR][MV];
+    for (int r = 0; r < WR; ++r) {
+        const __m512 b = _mm512_set1_ps(bias ? bias[n + r] : 0.0f);
+        for (int j = 0; j < MV; ++j) acc[r][j] = b;
+    }
+    const float* w = weight + n * K;
+    const float* xs = xt + m0;
+    for (int64_t k = 0; k < K; ++k) {
+        __m512 xv[MV];
+        for (int j = 0; j < MV; ++j) xv[j] = _mm512_loadu_ps(xs + k * lanes + 16 * j);
+        for (int r = 0; r < WR; ++r) {
+            const __m512 wv = _mm512_set1_ps(w[r * K + k]);
+            for (int j = 0; j < MV; ++j) acc[r][j] = _mm512_fmadd_ps(wv, xv[j], acc[r][j]);
+        }
+    }
+    for (int r = 0; r < WR; ++r) {
+        for (int j = 0; j < MV; ++j) _mm512_storeu_ps(yt + (n + r) * lanes + m0 + 16 * j, acc[r][j]);
+    }
+}
+
+// linear_small for kBroadcastRows rows or more. Threads take blocks of 6 weight rows; each block serves all rows
+// of x while it sits in L1, 32 rows at a time. The results go to a transposed buffer first: written straight
+// into out, 16 rows apart, they would land in one cache set when N is a multiple of 1024.
+void linear_broadcast(const float* x, int64_t sx, const float* weight, const float* bias, float* out, int64_t M,
+                      int64_t N, int64_t K) {
+    const int64_t lanes = (M + 15) / 16 * 16;
+    std::vector<float> xt(K * lanes, 0.0f), yt(N * lanes);
+    for (int64_t m = 0; m < M; ++m) {
+        for (int64_t k = 0; k < K; ++k) xt[k * lanes + m] = x[m * sx + k];
+    }
+    const int64_t blocks = (N + kBroadcastWeightRows - 1) / kBroadcastWeightRows;
+    at::parallel_for(0, blocks, 8, [&](int64_t first, int64_t last) {
+        for (int64_t block = first; block < last; ++block) {
+            const int64_t n = block * kBroadcastWeightRows;
+            for (int64_t m0 = 0; m0 < M; m0 += 32) {
+                const bool two = M - m0 > 16;
+                if (N - n >= kBroadcastWeightRows) {
+                    if (two) broadcast_block<kBroadcastWeightRows, 2>(xt.data(), lanes, m0, weight, bias, yt.data(), n, K);
+                    else broadcast_block<kBroadcastWeightRows, 1>(xt.data(), lanes, m0, weight, bias, yt.data(), n, K);
+                } else {
+                    for (int64_t r = n; r < N; ++r) {
+                        if (two) broadcast_block<1, 2>(xt.data(), lanes, m0, weight, bias, yt.data(), r, K);
+                        else broadcast_block<1, 1>(xt.data(), lanes, m0, weight, bias, yt.data(), r, K);
+                    }
+                }
+            }
+        }
+        const int64_t n_first = first * kBroadcastWeightRows, n_last = std::min(N, last * kBroadcastWeightRows);
+        for (int64_t m = 0; m < M; ++m) {
+            for (int64_t n = n_first; n < n_last; ++n) out[m * N + n] = yt[n * lanes + m];
+        }
+    });
+}
+#endif
+
 // out (M, N) = x (M, K) @ weight (N, K)^T (+ bias), K a multiple of 8. Threads take slices of 64 weight rows. A
 // slice (64 K floats) stays in L2 while it serves the rows of x eight at a time, so the weights come from memory once.
+// With AVX-512 and 16 rows or more, linear_broadcast does the work.
 void linear_small(const float* x, int64_t sx, const float* weight, const float* bias, float* out, int64_t M,
                   int64_t N, int64_t K) {
+#if defined(__AVX512F__)
+    if (M >= kBroadcastRows) {
+        linear_broadcast(x, sx, weight, bias, out, M, N, K);
+        return;
+    }
+#endif
     at::parallel_for(0, N, 64, [&](int64_t first, int64_t last) {
         for (int64_t m0 = 0; m0 < M; m0 += 8) {
             const float* xs = x + m0 * sx;
@@ -349,7 +478,7 @@ void jamba_scan(const float* u, const float* dbc, const float* z, int64_t sz_b, 
                 const v8 du = delta * u8;
                 v8 acc = splat(0.0f);
                 for (int64_t n = 0; n < N; ++n) {
-                    h[n] = exp_nonpositive8(delta * load8(&a_t[n * I + i0])) * h[n] + du * splat(p[R + n]);
+                    h[n] = exp_nonpositive(delta * load8(&a_t[n * I + i0])) * h[n] + du * splat(p[R + n]);
                     acc += h[n] * splat(p[R + N + n]);
                 }
                 acc += d8 * u8;

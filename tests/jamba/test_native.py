@@ -52,7 +52,8 @@ def test_conv_matches_reference(kernels):
     assert (kernels.conv(x, weight, bias) - expected).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8])
+# From 16 rows on, CPUs with AVX-512 take the broadcast kernel. 200 weight rows leave a partial block of 6.
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 23, 40, 64])
 def test_small_linear_matches_torch(kernels, rows):
     x = torch.randn(rows, 2, 96)[:, 1]  # rows apart in memory, as a slice of a larger batch is
     weight, bias = torch.randn(200, 96), torch.randn(200)
@@ -86,11 +87,14 @@ def test_scan_without_skip_and_with_threads(kernels):
     assert (y - y_ref).abs().max().item() / y_ref.abs().max().item() < 1e-5
 
 
-def test_decode_steps_continue_cached_state(kernels):
+# The step computes delta as one product when the rank is a multiple of 8, and a state of 16 in one vector where
+# the build has AVX-512.
+@pytest.mark.parametrize("rank,size", [(8, 16), (5, 8), (12, 32)])
+def test_decode_steps_continue_cached_state(kernels, rank, size):
     """Prefill into slots 3 and 1 of a cache, then steps read and write those slots only."""
-    case = scan_case(length=9)
+    case = scan_case(length=9, rank=rank, size=size)
     slots = torch.tensor([3, 1])
-    ssm_cache, conv_cache = torch.zeros(5, 64, 16), torch.zeros(5, 64, 4)
+    ssm_cache, conv_cache = torch.zeros(5, 64, size), torch.zeros(5, 64, 4)
     xz = torch.randn(2, 12, 128)
     weight, bias = torch.randn(64, 4), torch.randn(64)
     u = kernels.conv(xz[:, :9, :64], weight, bias, conv_cache, slots)
@@ -151,10 +155,10 @@ def test_training_takes_the_differentiable_path(models):
 
 
 def run_batch(model, prompts, steps):
-    """Logits of a left-padded prefill into slots 2, 0, 3 and of `steps` greedy decode steps after it."""
+    """Logits of a left-padded prefill into slots in a scrambled order and of `steps` greedy decode steps after it."""
     ids, mask = left_pad(prompts, pad_id=0)
-    cache = model.new_cache(num_slots=4, max_len=32)
-    slots = torch.tensor([2, 0, 3])
+    cache = model.new_cache(num_slots=len(prompts) + 1, max_len=32)
+    slots = torch.randperm(len(prompts) + 1, generator=torch.Generator().manual_seed(0))[: len(prompts)]
     with torch.no_grad():
         logits = [model(ids, mask, cache=cache, slots=slots, logits_to_keep=1).logits[:, -1]]
         for _ in range(steps):
@@ -173,11 +177,12 @@ def run_batch_without_kernels(monkeypatch, model, prompts, steps):
         ssm.resolve_kernels.cache_clear()
 
 
-def test_small_batch_kernels_match_pure_pytorch(monkeypatch):
+@pytest.mark.parametrize("batch", [3, 20])
+def test_small_batch_kernels_match_pure_pytorch(monkeypatch, batch):
     """Decode steps through the block-level kernels against the same model with every native kernel off."""
     torch.manual_seed(1)
     model = Jamba(JambaArgs.from_preset("tiny")).eval()
-    prompts = [torch.randint(3, 512, (n,)).tolist() for n in (7, 3, 5)]
+    prompts = [torch.randint(3, 512, (3 + i % 5,)).tolist() for i in range(batch)]
     with_kernels = run_batch(model, prompts, steps=6)
     without = run_batch_without_kernels(monkeypatch, model, prompts, steps=6)
     assert (with_kernels - without).abs().max().item() < 1e-4
@@ -187,19 +192,20 @@ def swiglu_reference(x, mlp):
     return F.linear(F.silu(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight), mlp.down_proj.weight)
 
 
-def test_expert_and_mlp_kernels_match_pytorch_ops(kernels):
+@pytest.mark.parametrize("tokens", [5, 40])
+def test_expert_and_mlp_kernels_match_pytorch_ops(kernels, tokens):
     torch.manual_seed(2)
     model = Jamba(JambaArgs.from_preset("tiny")).eval()
     layer = next(layer for layer in model.model.layers if layer.kind.has_experts)
     dense_layer = next(layer for layer in model.model.layers if not layer.kind.has_experts)
-    x = torch.randn(5, model.args.hidden_size)
+    x = torch.randn(tokens, model.args.hidden_size)
     norm, moe, k = layer.pre_ff_layernorm, layer.feed_forward, model.args.num_experts_per_tok
     with torch.no_grad():
         h = F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
         expected_logits = F.linear(h, moe.router.weight)
         weights, experts = torch.topk(torch.softmax(expected_logits, dim=-1), k, dim=-1)
         expected = torch.stack([sum(weights[t, j] * swiglu_reference(h[t], moe.experts[int(experts[t, j])])
-                                    for j in range(k)) for t in range(5)])
+                                    for j in range(k)) for t in range(tokens)])
         mlps = [e.plain_weights() for e in moe.experts]
         out, logits = kernels.moe_block(x, norm, moe.router.weight, k, native.expert_table(mlps),
                                         (len(mlps), mlps[0][0].shape[0]))
