@@ -528,13 +528,20 @@ def _native_for_small_product(x, weights):
     return _native_for_decode(x, *weights)
 
 
-def _native_for_decode(x, *tensors):
-    """Return the native kernels for a decode-sized fp32 CPU inference call on x and these tensors, else None."""
+def _native_for_decode(x, *tensors, any_rows: bool = False):
+    """Return the native kernels for a decode-sized fp32 CPU inference call on x and these tensors, else None.
+
+    With `any_rows`, a call with more rows gets them too where their matrix product beats MKL at every size.
+    """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (not 0 < rows <= MAX_LINEAR_ROWS or x.dtype != torch.float32 or x.device.type != "cpu"
-            or any(t.dtype != torch.float32 for t in tensors) or not _inference_only(x, *tensors)):
+    if (rows == 0 or (rows > MAX_LINEAR_ROWS and not any_rows) or x.dtype != torch.float32
+            or x.device.type != "cpu" or any(t.dtype != torch.float32 for t in tensors)
+            or not _inference_only(x, *tensors)):
         return None
-    return native.kernels()
+    kernels = native.kernels()
+    if rows > MAX_LINEAR_ROWS and kernels is not None and not kernels.wide_products:
+        return None
+    return kernels
 
 
 def _inference_only(*tensors) -> bool:
@@ -543,15 +550,15 @@ def _inference_only(*tensors) -> bool:
 
 
 def dense(module: nn.Linear, x):
-    """Return module(x), through the native small-batch kernel for a plain fp32 nn.Linear on CPU and few rows.
+    """Return module(x), through the native product for a plain fp32 nn.Linear in CPU inference.
 
     A decode step multiplies a few rows by every weight matrix, and the kernel reads each weight once. At these
-    sizes a perf profile of MKL's products showed most of their time in copying the weights. Anything else, a
-    peft-wrapped layer included, calls the module.
+    sizes a perf profile of MKL's products showed most of their time in copying the weights. With AVX-512 the
+    kernel also beats MKL at prefill sizes. Anything else, a peft-wrapped layer included, calls the module.
     """
     if type(module) is nn.Linear and x.shape[-1] % 8 == 0:
         params = module._parameters
-        kernels = _native_for_decode(x, params["weight"])
+        kernels = _native_for_decode(x, params["weight"], any_rows=True)
         if kernels is not None and params["weight"].is_contiguous():
             rows = x.numel() // x.shape[-1]
             flat = x.reshape(rows, x.shape[-1])

@@ -87,9 +87,13 @@ class Kernels:
             function = getattr(lib, name)
             function.argtypes, function.restype = argtypes, None
             setattr(self, "_" + name.removeprefix("jamba_"), function)
+        lib.jamba_wide_product_rows.argtypes, lib.jamba_wide_product_rows.restype = [], ctypes.c_int64
+        # Whether linear_small also beats MKL beyond MAX_LINEAR_ROWS rows (prefill sizes): true for AVX-512 builds.
+        self.wide_products = lib.jamba_wide_product_rows() > 0
 
     def linear_small(self, x, weight, bias=None) -> torch.Tensor:
-        """Return x @ weight^T + bias (M, N) for x (M, K) with unit column stride, M <= MAX_LINEAR_ROWS.
+        """Return x @ weight^T + bias (M, N) for x (M, K) with unit column stride, M <= MAX_LINEAR_ROWS unless
+        `wide_products` is set.
 
         K is a multiple of 8; weight (N, K) and bias (N,) are contiguous.
         """

@@ -10,7 +10,7 @@
 // window (slots, I, W), the layout of jamba.model.HybridCache.
 //
 // Vectors are GCC vector extensions, so the compiler emits AVX2 where the build enables it and narrower code
-// elsewhere. Builds with AVX-512 also get a matrix product for 16 rows or more written with its intrinsics. exp
+// elsewhere. Builds with AVX-512 also get a matrix product for 9 rows or more written with its intrinsics. exp
 // and log1p are polynomial approximations (relative error below 1e-6), because a scalar libm call per element
 // would cost more than the rest of the scan. Work is split over PyTorch's intra-op threads.
 
@@ -230,74 +230,90 @@ void dot_rows(const float* x, int64_t sx, const float* weight, const float* bias
 
 #if defined(__AVX512F__)
 // Rows from which linear_small broadcasts weights against transposed rows (below, the dot products win).
-constexpr int64_t kBroadcastRows = 16;
+constexpr int64_t kBroadcastRows = 9;
 constexpr int kBroadcastWeightRows = 6;
 
-// yt[n, m] = out[m, n] for the weight rows [n, n + WR) and the rows [m0, m0 + 16 * MV) of x, from xt = x
-// transposed and zero-padded to `lanes` rows, (K, lanes); yt is (N, lanes). Each weight value is broadcast and
-// multiplied with 16 rows at once, so the sums need no horizontal adds; 6 x 2 accumulators fit the 32 registers
-// with room for the operands.
+// Rows of x per panel of the broadcast kernel: a panel is x's rows transposed, (K, 32), so that its loads walk
+// memory in order.
+constexpr int64_t kPanelRows = 32;
+
+// The products of the weight rows [n, n + WR) with the rows of one panel (16 * MV of its 32 lanes), written to
+// yt (N, 32), the transposed results of that panel. Each weight value is broadcast and multiplied with 16 rows at
+// once, so the sums need no horizontal adds. 6 x 2 accumulators fit the 32 registers with room for the operands.
 template <int WR, int MV>
-void broadcast_block(const float* xt, int64_t lanes, int64_t m0, const float* weight, const float* bias, float* yt,
-                     int64_t n, int64_t K) {
+void broadcast_block(const float* panel, const float* weight, const float* bias, float* yt, int64_t n, int64_t K) {
     __m512 acc[WR][MV];
     for (int r = 0; r < WR; ++r) {
         const __m512 b = _mm512_set1_ps(bias ? bias[n + r] : 0.0f);
         for (int j = 0; j < MV; ++j) acc[r][j] = b;
     }
     const float* w = weight + n * K;
-    const float* xs = xt + m0;
     for (int64_t k = 0; k < K; ++k) {
         __m512 xv[MV];
-        for (int j = 0; j < MV; ++j) xv[j] = _mm512_loadu_ps(xs + k * lanes + 16 * j);
+        for (int j = 0; j < MV; ++j) xv[j] = _mm512_loadu_ps(panel + k * kPanelRows + 16 * j);
         for (int r = 0; r < WR; ++r) {
             const __m512 wv = _mm512_set1_ps(w[r * K + k]);
             for (int j = 0; j < MV; ++j) acc[r][j] = _mm512_fmadd_ps(wv, xv[j], acc[r][j]);
         }
     }
     for (int r = 0; r < WR; ++r) {
-        for (int j = 0; j < MV; ++j) _mm512_storeu_ps(yt + (n + r) * lanes + m0 + 16 * j, acc[r][j]);
+        for (int j = 0; j < MV; ++j) _mm512_storeu_ps(yt + (n + r) * kPanelRows + 16 * j, acc[r][j]);
     }
 }
 
-// linear_small for kBroadcastRows rows or more. Threads take blocks of 6 weight rows; each block serves all rows
-// of x while it sits in L1, 32 rows at a time. The results go to a transposed buffer first: written straight
-// into out, 16 rows apart, they would land in one cache set when N is a multiple of 1024.
+// linear_small for kBroadcastRows rows or more, any number of them. Rows go in chunks of up to 256 (8 panels, 256 K
+// floats, which stay in L2). Within a chunk, threads take blocks of 6 weight rows, and each block serves every
+// panel while it sits in L1. The results go to transposed buffers first: written straight into out, 16 rows
+// apart, they would land in one cache set when N is a multiple of 1024.
 void linear_broadcast(const float* x, int64_t sx, const float* weight, const float* bias, float* out, int64_t M,
                       int64_t N, int64_t K) {
-    const int64_t lanes = (M + 15) / 16 * 16;
-    std::vector<float> xt(K * lanes, 0.0f), yt(N * lanes);
-    for (int64_t m = 0; m < M; ++m) {
-        for (int64_t k = 0; k < K; ++k) xt[k * lanes + m] = x[m * sx + k];
-    }
-    const int64_t blocks = (N + kBroadcastWeightRows - 1) / kBroadcastWeightRows;
-    at::parallel_for(0, blocks, 8, [&](int64_t first, int64_t last) {
-        for (int64_t block = first; block < last; ++block) {
-            const int64_t n = block * kBroadcastWeightRows;
-            for (int64_t m0 = 0; m0 < M; m0 += 32) {
-                const bool two = M - m0 > 16;
-                if (N - n >= kBroadcastWeightRows) {
-                    if (two) broadcast_block<kBroadcastWeightRows, 2>(xt.data(), lanes, m0, weight, bias, yt.data(), n, K);
-                    else broadcast_block<kBroadcastWeightRows, 1>(xt.data(), lanes, m0, weight, bias, yt.data(), n, K);
-                } else {
-                    for (int64_t r = n; r < N; ++r) {
-                        if (two) broadcast_block<1, 2>(xt.data(), lanes, m0, weight, bias, yt.data(), r, K);
-                        else broadcast_block<1, 1>(xt.data(), lanes, m0, weight, bias, yt.data(), r, K);
+    constexpr int64_t kChunkRows = 8 * kPanelRows;
+    std::vector<float> xt, yt;
+    for (int64_t c0 = 0; c0 < M; c0 += kChunkRows) {
+        const int64_t rows = std::min(kChunkRows, M - c0), panels = (rows + kPanelRows - 1) / kPanelRows;
+        // One vector of rows leaves registers for twice the weight rows, which keeps the loads per multiply low.
+        const int64_t block_rows = rows <= 16 ? 2 * kBroadcastWeightRows : kBroadcastWeightRows;
+        const int64_t blocks = (N + block_rows - 1) / block_rows;
+        xt.assign(panels * K * kPanelRows, 0.0f);
+        yt.resize(panels * N * kPanelRows);
+        for (int64_t m = 0; m < rows; ++m) {
+            float* panel = &xt[(m / kPanelRows) * K * kPanelRows] + m % kPanelRows;
+            for (int64_t k = 0; k < K; ++k) panel[k * kPanelRows] = x[(c0 + m) * sx + k];
+        }
+        at::parallel_for(0, blocks, 8, [&](int64_t first, int64_t last) {
+            for (int64_t block = first; block < last; ++block) {
+                const int64_t n = block * block_rows, weight_rows = std::min(block_rows, N - n);
+                for (int64_t p = 0; p < panels; ++p) {
+                    const float* panel = &xt[p * K * kPanelRows];
+                    float* results = &yt[p * N * kPanelRows];
+                    const bool two = rows - p * kPanelRows > 16;
+                    if (weight_rows == 2 * kBroadcastWeightRows) {
+                        broadcast_block<2 * kBroadcastWeightRows, 1>(panel, weight, bias, results, n, K);
+                    } else if (weight_rows == kBroadcastWeightRows) {
+                        if (two) broadcast_block<kBroadcastWeightRows, 2>(panel, weight, bias, results, n, K);
+                        else broadcast_block<kBroadcastWeightRows, 1>(panel, weight, bias, results, n, K);
+                    } else {
+                        for (int64_t r = n; r < n + weight_rows; ++r) {
+                            if (two) broadcast_block<1, 2>(panel, weight, bias, results, r, K);
+                            else broadcast_block<1, 1>(panel, weight, bias, results, r, K);
+                        }
                     }
                 }
             }
-        }
-        const int64_t n_first = first * kBroadcastWeightRows, n_last = std::min(N, last * kBroadcastWeightRows);
-        for (int64_t m = 0; m < M; ++m) {
-            for (int64_t n = n_first; n < n_last; ++n) out[m * N + n] = yt[n * lanes + m];
-        }
-    });
+            const int64_t n_first = first * block_rows, n_last = std::min(N, last * block_rows);
+            for (int64_t m = 0; m < rows; ++m) {
+                const float* results = &yt[(m / kPanelRows) * N * kPanelRows] + m % kPanelRows;
+                float* row = out + (c0 + m) * N;
+                for (int64_t n = n_first; n < n_last; ++n) row[n] = results[n * kPanelRows];
+            }
+        });
+    }
 }
 #endif
 
 // out (M, N) = x (M, K) @ weight (N, K)^T (+ bias), K a multiple of 8. Threads take slices of 64 weight rows. A
 // slice (64 K floats) stays in L2 while it serves the rows of x eight at a time, so the weights come from memory once.
-// With AVX-512 and 16 rows or more, linear_broadcast does the work.
+// With AVX-512 and kBroadcastRows rows or more, linear_broadcast does the work.
 void linear_small(const float* x, int64_t sx, const float* weight, const float* bias, float* out, int64_t M,
                   int64_t N, int64_t K) {
 #if defined(__AVX512F__)
@@ -514,6 +530,16 @@ void jamba_mamba_step(const float* x, const float* norm_weight, float norm_eps, 
                dt_weight, dt_bias, A, D, y.data(), ssm_cache, slots, 1, nullptr, B, 1, I, N, R);
     linear_small(y.data(), I, out_weight, out_bias, out, B, Dm, I);
     for (int64_t j = 0; j < B * Dm; ++j) out[j] += x[j];
+}
+
+// The number of rows from which jamba_linear_small beats MKL at any size (the AVX-512 broadcast kernel), or 0 when
+// it does so only up to the decode sizes that jamba.native.MAX_LINEAR_ROWS gives.
+int64_t jamba_wide_product_rows() {
+#if defined(__AVX512F__)
+    return kBroadcastRows;
+#else
+    return 0;
+#endif
 }
 
 // out (M, N) = x (M, K) @ weight (N, K)^T (+ bias) for a few rows (decode steps), K a multiple of 8; x's rows are

@@ -52,8 +52,9 @@ def test_conv_matches_reference(kernels):
     assert (kernels.conv(x, weight, bias) - expected).abs().max().item() < 1e-5
 
 
-# From 16 rows on, CPUs with AVX-512 take the broadcast kernel. 200 weight rows leave a partial block of 6.
-@pytest.mark.parametrize("rows", [1, 3, 8, 16, 23, 40, 64])
+# From 9 rows on, CPUs with AVX-512 take the broadcast kernel, in chunks of 256 rows. 200 weight rows leave a
+# partial block.
+@pytest.mark.parametrize("rows", [1, 3, 8, 12, 16, 23, 40, 64, 300])
 def test_small_linear_matches_torch(kernels, rows):
     x = torch.randn(rows, 2, 96)[:, 1]  # rows apart in memory, as a slice of a larger batch is
     weight, bias = torch.randn(200, 96), torch.randn(200)
