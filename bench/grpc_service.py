@@ -67,9 +67,10 @@ def run_load_in_process(*args):
     return asyncio.run(run_load(*args))
 
 
-def transformers_batch1(path, prompt, new_tokens) -> float:
+def transformers_batch1(path, prompt, new_tokens, threads) -> float:
     from transformers import JambaForCausalLM
 
+    torch.set_num_threads(threads)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     model = JambaForCausalLM.from_pretrained(path).eval()
     ids = torch.tensor([prompt])
@@ -90,16 +91,19 @@ async def main_async(options):
     text = [f"{a}+{b}={a + b} and some plain words to merge" for a in range(200) for b in range(0, 200, 7)]
     tokenizer = Tokenizer(train_tokenizer(text, vocab_size=1024))
     prompts = [[3 + (17 * i + j) % 1000 for j in range(16)] for i in range(options.streams)]
-    # The reference runs first, before the server's threads exist, so that nothing else competes with it.
-    reference = transformers_batch1(path, prompts[0], options.new_tokens)
+    loop = asyncio.get_running_loop()
+    spawn = multiprocessing.get_context("spawn")
+    # The reference runs first, in a process of its own, so that nothing competes with it. This process then starts
+    # no OpenMP threads outside the engine: as in jamba-serve, only the engine's step thread uses several threads.
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as worker:
+        reference = await loop.run_in_executor(worker, transformers_batch1, path, prompts[0], options.new_tokens,
+                                               options.threads)
 
-    torch.set_num_threads(options.server_threads)
     engine = Engine(LocalRunner(model, num_slots=options.streams, max_len=16 + options.new_tokens + 1), tokenizer,
-                    EngineConfig(max_queue_size=options.streams))
+                    EngineConfig(max_queue_size=options.streams, threads=options.server_threads))
     server, port = create_server("127.0.0.1:0", engine)
     await server.start()
-    loop = asyncio.get_running_loop()
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as clients:
         await loop.run_in_executor(clients, run_load_in_process, port, prompts[:2], 4, 1, options.temperature)
         sequential = await loop.run_in_executor(clients, run_load_in_process, port,
                                                 prompts[: max(2, options.streams // 8)], options.new_tokens, 1,
@@ -133,10 +137,10 @@ def main():
                              "transformers reference decodes (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads of the transformers reference")
     parser.add_argument("--server-threads", type=int, default=serving_threads(),
-                        help="torch threads of the server, as jamba-serve picks them by default (the usable cores "
-                             "minus one)")
+                        help="torch threads of the server's engine, as jamba-serve picks them by default (the "
+                             "usable cores)")
     options = parser.parse_args()
-    torch.set_num_threads(options.threads)
+    torch.set_num_threads(1)  # see main_async: the model is built here, and steps run on the engine's thread
     asyncio.run(main_async(options))
 
 

@@ -61,8 +61,11 @@ class EngineConfig:
     max_prefill_tokens: int = 8192  # padded tokens (batch size x longest prompt) in one prefill call
     default_max_new_tokens: int = 64
     max_new_tokens_limit: int | None = None  # None: the runner's max_len minus one
+    threads: int | None = None  # torch threads of the step thread; None: those of the thread creating the Engine
 
     def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.max_queue_size < 0:
             raise ValueError(f"max_queue_size must be >= 0, got {self.max_queue_size}")
         if self.max_prefill_tokens < 1:
@@ -139,7 +142,11 @@ class Engine:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        # torch's thread count is a per-thread setting of its OpenMP runtime, so the step thread sets its own.
+        threads = config.threads or torch.get_num_threads()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="engine-step", initializer=torch.set_num_threads, initargs=(threads,)
+        )
         self._task: asyncio.Task | None = None
         self.metrics.slots_total.set(runner.num_slots)
 

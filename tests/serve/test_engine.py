@@ -2,8 +2,9 @@ import asyncio
 import time
 
 import pytest
+import torch
 
-from serve.engine import FinishReason
+from serve.engine import EngineConfig, FinishReason
 from serve.validation import DeadlineExceeded, Draining, GenerationRequest, Overloaded, Sampling
 
 
@@ -210,3 +211,24 @@ def test_prefill_batches_respect_token_budget(scripted_engine):
     results = run(many, engine)
     assert all(r[-1].completion_tokens == 2 for r in results)
     assert max(engine.runner.prefill_batches) == 2  # 2 prompts x 10 tokens fill the budget of 20
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_step_thread_uses_configured_threads(scripted_engine, monkeypatch, threads):
+    engine = scripted_engine(threads=threads)
+    seen = []
+    decode = engine.runner.decode
+
+    def spy(slots, tokens):
+        seen.append(torch.get_num_threads())
+        return decode(slots, tokens)
+
+    monkeypatch.setattr(engine.runner, "decode", spy)
+    run(lambda: collect(engine, make_request(max_new_tokens=3)), engine)
+    assert seen
+    assert set(seen) == {threads}
+
+
+def test_engine_config_rejects_zero_threads():
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        EngineConfig(threads=0)
