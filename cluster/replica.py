@@ -5,6 +5,10 @@ to its node when the plan spans several), waits until every actor has loaded its
 runs prefill and decode steps over them. A step waits on all of its actors; if one of them dies, the step raises
 `ReplicaFailure` at once, the replica kills the rest (which may be blocked in a collective) and builds itself
 again, and the engine ends the affected requests with UNAVAILABLE.
+
+With the collective transport this process joins the actors' control group (see cluster/actors.py) as its last
+rank and sends them each step over it: a dead actor shows as a closed connection, and a hung one as the group's
+timeout, `step_timeout_s`.
 """
 
 import logging
@@ -16,9 +20,10 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.actors import ExpertShard, LayerGroup, StepInput
+from cluster.actors import FREE, STEP, STOP, ExpertShard, LayerGroup, StepInput, control_group, send_request
 from cluster.plan import ReplicaPlan, make_plan
 from jamba.checkpoint import load_args
+from jamba.distributed import client_store
 from jamba.generate import left_pad
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,8 @@ class RayReplica:
         self._broken = False
         self._actors: list = []
         self._pg = None
+        self._control = None  # this process's end of the control group, for the collective transport
+        self._expert_load = torch.zeros(len(self.plan.moe_layers), self.args.num_experts, dtype=torch.long)
         log.info("%s\ntransport: %s", self.plan.describe(), transport)
         self._build()
 
@@ -103,9 +110,15 @@ class RayReplica:
         self._wait([g.set_shards.remote(self.shards) for g in self.groups], "setup")
         if self.transport == "collective":
             world = len(self._actors)
-            address, port = self._wait([self.groups[0].open_store.remote(world, self.step_timeout_s)], "setup")[0]
-            self._wait([a.init_collective.remote(rank, world, address, port, self.step_timeout_s)
-                        for rank, a in enumerate(self._actors)], "collective setup")
+            address, port = self._wait([self.groups[0].open_store.remote(world + 1, self.step_timeout_s)],
+                                       "setup")[0]
+            joined = [a.init_collective.remote(rank, world, address, port, self.step_timeout_s)
+                      for rank, a in enumerate(self._actors)]
+            # Building the group returns once every rank has joined, so the actors' calls must be under way.
+            store = client_store(address, port, world + 1, self.step_timeout_s)
+            self._control = control_group(store, world, world + 1, self.step_timeout_s)
+            self._wait(joined, "collective setup")
+            self._wait([a.start_serving.remote(self.threads_per_actor) for a in self._actors], "collective setup")
 
     def node_ids(self) -> dict[str, str]:
         """Node of every actor, by name: 'group 0', 'shard 1', ..."""
@@ -113,6 +126,12 @@ class RayReplica:
         return dict(zip(names, ray.get([a.node_id.remote() for a in self._actors])))
 
     def shutdown(self) -> None:
+        if self._control is not None:
+            try:
+                send_request(self._control, range(len(self._actors)), STOP)
+            except RuntimeError as error:  # some actor is gone already; all of them are killed below
+                log.info("could not stop every actor's serving thread: %s", error)
+            self._control = None
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
         self._actors = []
@@ -150,13 +169,32 @@ class RayReplica:
             self._broken = False
             self.rebuild()
 
+    def _control_failed(self, stage: str, error: Exception):
+        """Mark the replica for rebuilding and raise ReplicaFailure for an error of the control group."""
+        log.error("replica %s failed: %s", stage, error)
+        self._broken = True
+        raise ReplicaFailure(f"a model actor failed during {stage}: {error}") from error
+
     def _step(self, step: StepInput) -> torch.Tensor:
         self._ensure_healthy()
         if self.transport == "collective":
-            # Shards start first, because a layer group sends them its first tokens within a millisecond of starting.
-            refs = [s.forward_collective.remote(step) for s in self.shards]
-            refs += [g.forward_collective.remote(step) for g in self.groups]
-            return self._wait(refs, "step")[-1]
+            batch, length = step.input_ids.shape
+            tensors = [step.input_ids, step.slots]
+            if step.attention_mask is not None:
+                tensors.append(step.attention_mask.long())
+            last = len(self.groups) - 1
+            logits = torch.empty(batch, self.vocab_size, dtype=torch.float32)
+            try:
+                send_request(self._control, range(len(self._actors)), STEP, *tensors,
+                             header=(batch, length, int(step.attention_mask is not None)))
+                self._control.recv([logits], last, 0).wait()
+                for rank in range(len(self.groups)):
+                    load = torch.empty_like(self._expert_load)
+                    self._control.recv([load], rank, 0).wait()
+                    self._expert_load += load
+            except RuntimeError as error:  # gloo's error for a closed connection or a timeout
+                self._control_failed("step", error)
+            return logits
         hidden = None
         for group in self.groups:
             hidden = self._wait([group.forward_ray.remote(step, hidden)], "step")[0]
@@ -176,8 +214,18 @@ class RayReplica:
 
     def free(self, slots: Sequence[int]) -> None:
         self._ensure_healthy()
+        if self.transport == "collective":
+            try:
+                send_request(self._control, range(len(self.groups)), FREE, torch.tensor(list(slots)),
+                             header=(len(slots), 0, 0))
+            except RuntimeError as error:
+                self._control_failed("free", error)
+            return
         self._wait([g.free.remote(list(slots)) for g in self.groups], "free")
 
     def take_expert_load(self) -> torch.Tensor:
+        if self.transport == "collective":  # the layer groups send their counts after every step
+            load, self._expert_load = self._expert_load, torch.zeros_like(self._expert_load)
+            return load
         loads = self._wait([g.take_expert_load.remote() for g in self.groups], "expert load")
         return sum(loads)

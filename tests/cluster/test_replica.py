@@ -77,10 +77,11 @@ def test_plan_actors_load_only_their_tensors(replica, tiny_checkpoint):
 
 
 def test_listeners_stay_on_loopback(replica):
-    """The replica's actors, and their torch.distributed sockets, listen on 127.0.0.1 only."""
+    """The replica's actors, their torch.distributed sockets and this process's end of the control group listen on
+    127.0.0.1 only."""
     replica.prefill([0], [[5, 6]], [None])
     replica.free([0])
-    pids = ray.get([actor.__ray_call__.remote(lambda _: os.getpid()) for actor in replica._actors])
+    pids = ray.get([actor.__ray_call__.remote(lambda _: os.getpid()) for actor in replica._actors]) + [os.getpid()]
     lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
     ours = [line for line in lines if any(f"pid={pid}," in line for pid in pids)]
     exposed = [line for line in ours if not line.split()[3].startswith(("127.", "[::1]", "[::ffff:127."))]
