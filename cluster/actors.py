@@ -69,6 +69,11 @@ def _tokens_for_shards(experts, shard_experts: list[torch.Tensor]) -> list[torch
 #   STOP: (STOP, 0, 0, 0): the serving thread ends.
 STOP, STEP, FREE = 0, 1, 2
 
+# Up to this many tokens in a step (decode sizes), a layer group sends every shard all of them with their routing
+# in one message, and each shard returns a full (T, D) sum, zero where it owns none of a token's experts: one
+# message each way instead of three, and no gathering of rows. Larger steps send each shard only its tokens.
+WHOLE_BATCH_TOKENS = 64
+
 
 def control_group(store, rank: int, size: int, timeout_s: float) -> dist.ProcessGroupGloo:
     """Join the control group (the actors, then the runner, by rank), a gloo group outside torch's default group.
@@ -83,12 +88,14 @@ def control_group(store, rank: int, size: int, timeout_s: float) -> dist.Process
     return dist.ProcessGroupGloo(dist.PrefixStore("control/", store), rank, size, options)
 
 
-def send_request(control, ranks, op: int, *tensors: torch.Tensor, header: tuple[int, int, int] = (0, 0, 0)) -> None:
-    """Send the request `op` with its tensors to every rank in `ranks`; raises RuntimeError if a rank is gone."""
+def send_request(control, ranks, op: int, *tensors: torch.Tensor, header: tuple[int, int, int] = (0, 0, 0)) -> list:
+    """Start sending the request `op` with its tensors to every rank in `ranks`; return the sends to wait for.
+
+    A send can take milliseconds to complete on a busy machine, so a caller that expects an answer waits for the
+    answer first. Waiting raises RuntimeError if a rank is gone.
+    """
     messages = [torch.tensor([op, *header], dtype=torch.long), *(t.contiguous() for t in tensors)]
-    works = [control.send([message], rank, 0) for rank in ranks for message in messages]
-    for work in works:
-        work.wait()
+    return [control.send([message], rank, 0) for rank in ranks for message in messages]
 
 
 def receive_request(control, runner: int) -> tuple[int, tuple[torch.Tensor, ...]]:
@@ -276,11 +283,26 @@ class LayerGroup(StepServer):
             hidden = torch.empty(batch, length, self.args.hidden_size, dtype=self._dtype(), device=self.device)
             dist.recv(hidden, src=rank - 1)
 
+        shard_ranks = [len(self.plan.layer_groups) + s.index for s in self.plan.expert_shards]
+
+        def dispatch_whole_batch(x, weights, experts):
+            payload = torch.cat([x.float(), _routing(weights, experts)], dim=-1)
+            sends = [dist.isend(payload, dst=shard_rank) for shard_rank in shard_ranks]
+            out = None
+            for shard_rank in shard_ranks:
+                result = torch.empty_like(x)
+                dist.recv(result, src=shard_rank)
+                out = result if out is None else out.add_(result)
+            for work in sends:
+                work.wait()
+            return out
+
         def dispatch_for_layer(layer):
             def dispatch(x, weights, experts):
+                if x.shape[0] <= WHOLE_BATCH_TOKENS:
+                    return dispatch_whole_batch(x, weights, experts)
                 tokens = _tokens_for_shards(experts, self.shard_experts)
                 routing = _routing(weights, experts)
-                shard_ranks = [len(self.plan.layer_groups) + s.index for s in self.plan.expert_shards]
                 # Every shard gets the routing of all tokens and works out its own tokens from it, so the only
                 # message with a data-dependent size is one whose size both sides already know.
                 sends = []
@@ -322,10 +344,10 @@ class LayerGroup(StepServer):
         if op == STEP:
             ids, mask, slots = tensors
             out = self.forward_collective(StepInput(ids, mask, slots))
-            if self.spec.has_head:
-                self.control.send([out.contiguous()], self.runner_rank, 0).wait()
             load, self.expert_load = self.expert_load, torch.zeros_like(self.expert_load)
-            self.control.send([load], self.runner_rank, 0).wait()
+            replies = [out.contiguous(), load] if self.spec.has_head else [load]
+            for work in [self.control.send([reply], self.runner_rank, 0) for reply in replies]:
+                work.wait()
         elif op == FREE:
             self.cache.free(tensors[0].tolist())
         return op != STOP
@@ -381,9 +403,17 @@ class ExpertShard(StepServer):
     def forward_collective(self, step: StepInput) -> None:
         """Serve every MoE layer of one step, in order, for the layer group that owns it."""
         tokens = step.input_ids.numel()
-        k = self.args.num_experts_per_tok
+        k, hidden = self.args.num_experts_per_tok, self.args.hidden_size
         for layer in self.plan.moe_layers:
             owner = self.plan.owner_of_layer(layer).index
+            if tokens <= WHOLE_BATCH_TOKENS:
+                payload = torch.empty(tokens, hidden + 2 * k, dtype=torch.float32, device=self.device)
+                dist.recv(payload, src=owner)
+                weights, experts = _unpack_routing(payload[:, hidden:], self.dtype)
+                x = payload[:, :hidden].to(self.dtype).contiguous()
+                out = run_experts(self._experts(layer), self.spec.experts, x, weights, experts)
+                dist.send(out.contiguous(), dst=owner)
+                continue
             routing = torch.empty(tokens, 2 * k, dtype=torch.float32, device=self.device)
             dist.recv(routing, src=owner)
             weights, experts = _unpack_routing(routing, self.dtype)

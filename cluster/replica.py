@@ -128,7 +128,8 @@ class RayReplica:
     def shutdown(self) -> None:
         if self._control is not None:
             try:
-                send_request(self._control, range(len(self._actors)), STOP)
+                for work in send_request(self._control, range(len(self._actors)), STOP):
+                    work.wait()
             except RuntimeError as error:  # some actor is gone already; all of them are killed below
                 log.info("could not stop every actor's serving thread: %s", error)
             self._control = None
@@ -185,13 +186,15 @@ class RayReplica:
             last = len(self.groups) - 1
             logits = torch.empty(batch, self.vocab_size, dtype=torch.float32)
             try:
-                send_request(self._control, range(len(self._actors)), STEP, *tensors,
-                             header=(batch, length, int(step.attention_mask is not None)))
+                sends = send_request(self._control, range(len(self._actors)), STEP, *tensors,
+                                     header=(batch, length, int(step.attention_mask is not None)))
                 self._control.recv([logits], last, 0).wait()
                 for rank in range(len(self.groups)):
                     load = torch.empty_like(self._expert_load)
                     self._control.recv([load], rank, 0).wait()
                     self._expert_load += load
+                for work in sends:
+                    work.wait()
             except RuntimeError as error:  # gloo's error for a closed connection or a timeout
                 self._control_failed("step", error)
             return logits
@@ -216,8 +219,9 @@ class RayReplica:
         self._ensure_healthy()
         if self.transport == "collective":
             try:
-                send_request(self._control, range(len(self.groups)), FREE, torch.tensor(list(slots)),
-                             header=(len(slots), 0, 0))
+                for work in send_request(self._control, range(len(self.groups)), FREE, torch.tensor(list(slots)),
+                                         header=(len(slots), 0, 0)):
+                    work.wait()
             except RuntimeError as error:
                 self._control_failed("free", error)
             return

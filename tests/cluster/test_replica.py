@@ -9,6 +9,7 @@ import pytest
 import ray
 import torch
 
+from cluster.actors import WHOLE_BATCH_TOKENS
 from cluster.replica import RayReplica, ReplicaFailure
 from jamba.generate import generate
 from serve.runner import LocalRunner
@@ -22,10 +23,13 @@ def replica(request, ray_cluster, tiny_checkpoint):
     replica.shutdown()
 
 
-def test_logits_match_in_process(replica, tiny_checkpoint):
+# Steps of up to WHOLE_BATCH_TOKENS tokens send the shards every token, larger ones only the tokens routed to them:
+# 2 x 3 prompt tokens take the first path, 2 x 40 the second.
+@pytest.mark.parametrize("length", [3, 40])
+def test_logits_match_in_process(replica, tiny_checkpoint, length):
     _, model = tiny_checkpoint
     local = LocalRunner(model, num_slots=4, max_len=64)
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    prompts = [list(range(5, 5 + length)), list(range(100, 100 + length - 2))]
 
     diffs = [(local.prefill([1, 3], prompts, [None, None]) - replica.prefill([1, 3], prompts, [None, None]))]
     for tokens in ([20, 21], [30, 31], [40, 41]):
@@ -33,6 +37,7 @@ def test_logits_match_in_process(replica, tiny_checkpoint):
     local.free([1, 3])
     replica.free([1, 3])
 
+    assert (sum(map(len, prompts)) > WHOLE_BATCH_TOKENS) == (length == 40)
     worst = max(d.abs().max().item() for d in diffs)
     assert worst < 1e-4, f"max logit difference {worst}"
     assert torch.equal(local.take_expert_load(), replica.take_expert_load())
