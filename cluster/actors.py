@@ -70,7 +70,7 @@ def _tokens_for_shards(experts, shard_experts: list[torch.Tensor]) -> list[torch
 STOP, STEP, FREE = 0, 1, 2
 
 # Up to this many tokens in a step (decode sizes), a layer group sends every shard all of them with their routing
-# in one message, and each shard returns a full (T, D) sum, zero where it owns none of a token's experts: one
+# in one message. Each shard returns a full (T, D) sum, zero where it owns none of a token's experts. That is one
 # message each way instead of three, and no gathering of rows. Larger steps send each shard only its tokens.
 WHOLE_BATCH_TOKENS = 64
 
@@ -91,8 +91,8 @@ def control_group(store, rank: int, size: int, timeout_s: float) -> dist.Process
 def send_request(control, ranks, op: int, *tensors: torch.Tensor, header: tuple[int, int, int] = (0, 0, 0)) -> list:
     """Start sending the request `op` with its tensors to every rank in `ranks`; return the sends to wait for.
 
-    A send can take milliseconds to complete on a busy machine, so a caller that expects an answer waits for the
-    answer first. Waiting raises RuntimeError if a rank is gone.
+    A send can take milliseconds to complete on a busy machine, so a caller that expects a reply waits for the
+    reply first. Waiting raises RuntimeError if a rank is gone.
     """
     messages = [torch.tensor([op, *header], dtype=torch.long), *(t.contiguous() for t in tensors)]
     return [control.send([message], rank, 0) for rank in ranks for message in messages]
