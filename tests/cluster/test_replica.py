@@ -94,13 +94,17 @@ def test_listeners_stay_on_loopback(replica):
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
-def test_dead_shard_fails_then_recovers(ray_cluster, tiny_checkpoint):
+# Each actor's death must reach the runner: the shard's through the layer groups, the first group's through the
+# second, and the last group's directly.
+@pytest.mark.parametrize("victim", ["shard 1", "group 0", "group 1"])
+def test_dead_actor_fails_then_recovers(ray_cluster, tiny_checkpoint, victim):
     path, model = tiny_checkpoint
     replica = RayReplica(path, num_slots=2, max_len=64, transport="collective", threads_per_actor=1,
                          step_timeout_s=30)
     try:
         replica.prefill([0], [[5, 6, 7]], [None])
-        ray.kill(replica.shards[1], no_restart=True)
+        kind, index = victim.split()
+        ray.kill((replica.shards if kind == "shard" else replica.groups)[int(index)], no_restart=True)
 
         started = time.monotonic()
         with pytest.raises(ReplicaFailure, match="a model actor failed during step"):
