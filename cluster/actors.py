@@ -72,6 +72,8 @@ STOP, STEP, FREE = 0, 1, 2
 # Up to this many tokens in a step (decode sizes), a layer group sends every shard all of them with their routing
 # in one message. Each shard returns a full (T, D) sum, zero where it owns none of a token's experts. That is one
 # message each way instead of three, and no gathering of rows. Larger steps send each shard only its tokens.
+# NOTE: measured with gloo on one CPU machine only. Over a network between GPUs, the fp32 copy of every token may
+# cost more than the messages it saves.
 WHOLE_BATCH_TOKENS = 64
 
 
