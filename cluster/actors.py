@@ -66,8 +66,13 @@ def _tokens_for_shards(experts, shard_experts: list[torch.Tensor]) -> list[torch
 #         has_mask. Afterwards every layer group sends the runner its expert counts of the step, (MoE layers, E),
 #         the last one its logits (batch, V) first.
 #   FREE: (FREE, n, 0, 0), then the slots (n,); layer groups only.
-#   STOP: (STOP, 0, 0, 0): the serving thread ends.
-STOP, STEP, FREE = 0, 1, 2
+# The serving thread ends with its process: the runner kills the actors to stop or rebuild the replica.
+STEP, FREE = 1, 2
+
+# How long an idle actor waits for the runner's next request: without a limit of its own, the wait would end at
+# the group's timeout (the step timeout) and take the actor down after that long without traffic. A dead runner
+# still ends the wait at once, through its closed connection.
+IDLE_WAIT = timedelta(days=365)
 
 # Up to this many tokens in a step (decode sizes), a layer group sends every shard all of them with their routing
 # in one message. Each shard returns a full (T, D) sum, zero where it owns none of a token's experts. That is one
@@ -103,7 +108,7 @@ def send_request(control, ranks, op: int, *tensors: torch.Tensor, header: tuple[
 def receive_request(control, runner: int) -> tuple[int, tuple[torch.Tensor, ...]]:
     """Wait for the runner's next request; return its op and tensors (a StepInput's fields for STEP)."""
     header = torch.empty(4, dtype=torch.long)
-    control.recv([header], runner, 0).wait()
+    control.recv([header], runner, 0).wait(IDLE_WAIT)
     op, first, second, has_mask = header.tolist()
     if op == STEP:
         ids, slots = torch.empty(first, second, dtype=torch.long), torch.empty(first, dtype=torch.long)
@@ -118,7 +123,7 @@ def receive_request(control, runner: int) -> tuple[int, tuple[torch.Tensor, ...]
         slots = torch.empty(first, dtype=torch.long)
         control.recv([slots], runner, 0).wait()
         return op, (slots,)
-    return op, ()
+    raise ValueError(f"unknown request {op} from the runner; the runner and the actors run different code")
 
 
 class StepServer:
@@ -128,25 +133,36 @@ class StepServer:
     and the closed connections tell every peer and the runner at once (the runner then builds the replica again).
     """
 
-    def start_serving(self, threads: int | None) -> None:
-        """Start serving requests on a thread of its own; returns at once."""
-        thread = threading.Thread(target=self._serve_safely, args=(threads,), name="replica-steps", daemon=True)
-        thread.start()
+    threads: int  # torch threads of the steps
 
-    def _serve_safely(self, threads: int | None) -> None:
-        if threads:
-            torch.set_num_threads(threads)
+    def start_serving(self) -> None:
+        """Start serving requests on a thread of its own; returns at once."""
+        threading.Thread(target=self._serve_safely, name="replica-steps", daemon=True).start()
+
+    def _serve_safely(self) -> None:
+        torch.set_num_threads(self.threads)
         try:
-            while self.serve_request(*receive_request(self.control, self.runner_rank)):
-                pass
+            while True:
+                self.serve_request(*receive_request(self.control, self.runner_rank))
         except BaseException:
             log.exception("%s failed while serving the runner's requests; exiting", self.ready())
             logging.shutdown()
             os._exit(1)
 
-    def serve_request(self, op: int, tensors: tuple[torch.Tensor, ...]) -> bool:
-        """Serve one request; return False for STOP."""
+    def serve_request(self, op: int, tensors: tuple[torch.Tensor, ...]) -> None:
         raise NotImplementedError
+
+
+def _load_on_one_thread(threads: int | None) -> int:
+    """Switch this thread to one torch thread for loading; return the threads for the steps.
+
+    Two threads that start OpenMP regions slow each other down (see serve.server), and with the collective
+    transport the serving thread computes, not this one. None keeps the count the process started with, which
+    Ray sets from the actor's CPUs (OMP_NUM_THREADS).
+    """
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
 
 
 class LayerGroup(StepServer):
@@ -154,9 +170,7 @@ class LayerGroup(StepServer):
 
     def __init__(self, spec: LayerGroupSpec, plan: ReplicaPlan, model_dir: str, num_slots: int, max_len: int,
                  dtype: torch.dtype = torch.float32, scan: str = "auto", threads: int | None = None):
-        # Loading runs on one thread: two threads that start OpenMP regions slow each other down (see
-        # serve.server), and with the collective transport the serving thread computes, not this one.
-        torch.set_num_threads(1)
+        self.threads = _load_on_one_thread(threads)
         self.spec, self.plan = spec, plan
         self.args = load_args(model_dir)
         self.device = torch.device("cuda" if plan.device == "cuda" else "cpu")
@@ -167,8 +181,7 @@ class LayerGroup(StepServer):
         self.expert_load = torch.zeros(len(plan.moe_layers), self.args.num_experts, dtype=torch.long)
         self.shards = []  # actor handles, for the "ray" transport
         self.dispatch_seconds, self.dispatch_calls = 0.0, 0
-        if threads:
-            torch.set_num_threads(threads)  # for steps by Ray calls, which run on this thread
+        torch.set_num_threads(self.threads)  # for steps by Ray calls, which run on this thread
         log.info("layer group %d ready: layers %s on %s", spec.index, list(spec.layers), self.device)
 
     def _build(self, model_dir, dtype, scan) -> nn.Module:
@@ -342,7 +355,7 @@ class LayerGroup(StepServer):
                                     getattr(self, "_store", None))
         self.control, self.runner_rank = control_group(store, rank, world_size + 1, timeout_s), world_size
 
-    def serve_request(self, op: int, tensors: tuple[torch.Tensor, ...]) -> bool:
+    def serve_request(self, op: int, tensors: tuple[torch.Tensor, ...]) -> None:
         if op == STEP:
             ids, mask, slots = tensors
             out = self.forward_collective(StepInput(ids, mask, slots))
@@ -352,7 +365,6 @@ class LayerGroup(StepServer):
                 work.wait()
         elif op == FREE:
             self.cache.free(tensors[0].tolist())
-        return op != STOP
 
 
 class ExpertShard(StepServer):
@@ -360,7 +372,7 @@ class ExpertShard(StepServer):
 
     def __init__(self, spec: ExpertShardSpec, plan: ReplicaPlan, model_dir: str, dtype: torch.dtype = torch.float32,
                  threads: int | None = None):
-        torch.set_num_threads(1)  # as in LayerGroup
+        self.threads = _load_on_one_thread(threads)
         self.spec, self.plan = spec, plan
         self.args = load_args(model_dir)
         self.device = torch.device("cuda" if plan.device == "cuda" else "cpu")
@@ -377,8 +389,7 @@ class ExpertShard(StepServer):
         fill_module(part, CheckpointReader(model_dir), self.device, dtype, partial=True)
         self.modules = part.eval()
         self.owned = torch.tensor(spec.experts, device=self.device)
-        if threads:
-            torch.set_num_threads(threads)  # for steps by Ray calls, which run on this thread
+        torch.set_num_threads(self.threads)  # for steps by Ray calls, which run on this thread
         log.info("expert shard %d ready: experts %s of MoE layers %s on %s", spec.index, list(spec.experts),
                  list(plan.moe_layers), self.device)
 
@@ -413,7 +424,10 @@ class ExpertShard(StepServer):
                 dist.recv(payload, src=owner)
                 weights, experts = _unpack_routing(payload[:, hidden:], self.dtype)
                 x = payload[:, :hidden].to(self.dtype).contiguous()
-                out = run_experts(self._experts(layer), self.spec.experts, x, weights, experts)
+                if self.spec.experts:
+                    out = run_experts(self._experts(layer), self.spec.experts, x, weights, experts)
+                else:  # an explicit plan may leave a shard without experts
+                    out = torch.zeros_like(x)
                 dist.send(out.contiguous(), dst=owner)
                 continue
             routing = torch.empty(tokens, 2 * k, dtype=torch.float32, device=self.device)
@@ -432,11 +446,10 @@ class ExpertShard(StepServer):
         store = _init_process_group(rank, world_size, address, port, timeout_s, self.plan.device)
         self.control, self.runner_rank = control_group(store, rank, world_size + 1, timeout_s), world_size
 
-    def serve_request(self, op: int, tensors: tuple[torch.Tensor, ...]) -> bool:
+    def serve_request(self, op: int, tensors: tuple[torch.Tensor, ...]) -> None:
         if op == STEP:
             ids, mask, slots = tensors
             self.forward_collective(StepInput(ids, mask, slots))
-        return op != STOP
 
 
 def open_store(world_size: int, timeout_s: float):

@@ -20,7 +20,7 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.actors import FREE, STEP, STOP, ExpertShard, LayerGroup, StepInput, control_group, send_request
+from cluster.actors import FREE, STEP, ExpertShard, LayerGroup, StepInput, control_group, send_request
 from cluster.plan import ReplicaPlan, make_plan
 from jamba.checkpoint import load_args
 from jamba.distributed import client_store
@@ -109,16 +109,22 @@ class RayReplica:
         self._wait([a.ready.remote() for a in self._actors], "loading")
         self._wait([g.set_shards.remote(self.shards) for g in self.groups], "setup")
         if self.transport == "collective":
-            world = len(self._actors)
-            address, port = self._wait([self.groups[0].open_store.remote(world + 1, self.step_timeout_s)],
-                                       "setup")[0]
-            joined = [a.init_collective.remote(rank, world, address, port, self.step_timeout_s)
-                      for rank, a in enumerate(self._actors)]
+            self._join_collective()
+
+    def _join_collective(self) -> None:
+        """Connect the actors' group and the control group, with this process as the control group's last rank."""
+        world = len(self._actors)
+        address, port = self._wait([self.groups[0].open_store.remote(world + 1, self.step_timeout_s)], "setup")[0]
+        joined = [a.init_collective.remote(rank, world, address, port, self.step_timeout_s)
+                  for rank, a in enumerate(self._actors)]
+        try:
             # Building the group returns once every rank has joined, so the actors' calls must be under way.
             store = client_store(address, port, world + 1, self.step_timeout_s)
             self._control = control_group(store, world, world + 1, self.step_timeout_s)
-            self._wait(joined, "collective setup")
-            self._wait([a.start_serving.remote(self.threads_per_actor) for a in self._actors], "collective setup")
+        except RuntimeError as error:  # torch's store and gloo errors, a timeout included
+            self._control_failed("collective setup", error)
+        self._wait(joined, "collective setup")
+        self._wait([a.start_serving.remote() for a in self._actors], "collective setup")
 
     def node_ids(self) -> dict[str, str]:
         """Node of every actor, by name: 'group 0', 'shard 1', ..."""
@@ -126,13 +132,7 @@ class RayReplica:
         return dict(zip(names, ray.get([a.node_id.remote() for a in self._actors])))
 
     def shutdown(self) -> None:
-        if self._control is not None:
-            try:
-                for work in send_request(self._control, range(len(self._actors)), STOP):
-                    work.wait()
-            except RuntimeError as error:  # some actor is gone already; all of them are killed below
-                log.info("could not stop every actor's serving thread: %s", error)
-            self._control = None
+        self._control = None  # the actors' serving threads end with them, below
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
         self._actors = []
@@ -165,10 +165,13 @@ class RayReplica:
     # The runner interface.
 
     def _ensure_healthy(self) -> None:
-        """Rebuild after a failure, on the next call, so that the failed step's error reaches its requests first."""
+        """Rebuild after a failure, on the next call, so that the failed step's error reaches its requests first.
+
+        A rebuild that fails leaves the replica marked, so the call after it tries again.
+        """
         if self._broken:
-            self._broken = False
             self.rebuild()
+            self._broken = False
 
     def _control_failed(self, stage: str, error: Exception):
         """Mark the replica for rebuilding and raise ReplicaFailure for an error of the control group."""
