@@ -150,6 +150,7 @@ class StepServer:
             os._exit(1)
 
     def serve_request(self, op: int, tensors: tuple[torch.Tensor, ...]) -> None:
+        """Serve one request of the runner (see STEP and FREE); each actor class defines it."""
         raise NotImplementedError
 
 
