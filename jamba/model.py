@@ -531,7 +531,7 @@ def _native_for_small_product(x, weights):
 def _native_for_decode(x, *tensors, any_rows: bool = False):
     """Return the native kernels for a decode-sized fp32 CPU inference call on x and these tensors, else None.
 
-    With `any_rows`, a call with more rows gets them too where their matrix product beats MKL at every size.
+    With `any_rows`, a call with more rows gets them too where the build has the AVX-512 product for any size.
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (rows == 0 or (rows > MAX_LINEAR_ROWS and not any_rows) or x.dtype != torch.float32

@@ -88,7 +88,7 @@ class Kernels:
             function.argtypes, function.restype = argtypes, None
             setattr(self, "_" + name.removeprefix("jamba_"), function)
         lib.jamba_wide_product_rows.argtypes, lib.jamba_wide_product_rows.restype = [], ctypes.c_int64
-        # Whether linear_small also beats MKL beyond MAX_LINEAR_ROWS rows (prefill sizes): true for AVX-512 builds.
+        # Whether linear_small also serves more than MAX_LINEAR_ROWS rows (prefill sizes), as AVX-512 builds do.
         self.wide_products = lib.jamba_wide_product_rows() > 0
 
     def linear_small(self, x, weight, bias=None) -> torch.Tensor:

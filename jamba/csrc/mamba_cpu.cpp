@@ -262,8 +262,8 @@ void broadcast_block(const float* panel, const float* weight, const float* bias,
 }
 
 // linear_small for kBroadcastRows rows or more, any number of them. Rows go in chunks of up to 256 (8 panels, 256 K
-// floats, which stay in L2). Within a chunk, threads take blocks of 6 weight rows, and each block serves every
-// panel while it sits in L1. The results go to transposed buffers first: written straight into out, 16 rows
+// floats, which stay in L2). Within a chunk, threads take blocks of 6 weight rows (12 when the chunk has at most
+// 16 rows), and each block serves every panel while it sits in L1. The results go to transposed buffers first: written straight into out, 16 rows
 // apart, they would land in one cache set when N is a multiple of 1024.
 void linear_broadcast(const float* x, int64_t sx, const float* weight, const float* bias, float* out, int64_t M,
                       int64_t N, int64_t K) {
@@ -532,8 +532,9 @@ void jamba_mamba_step(const float* x, const float* norm_weight, float norm_eps, 
     for (int64_t j = 0; j < B * Dm; ++j) out[j] += x[j];
 }
 
-// The number of rows from which jamba_linear_small beats MKL at any size (the AVX-512 broadcast kernel), or 0 when
-// it does so only up to the decode sizes that jamba.native.MAX_LINEAR_ROWS gives.
+// The number of rows from which jamba_linear_small takes the AVX-512 broadcast kernel at any size, or 0 when it
+// serves only the decode sizes that jamba.native.MAX_LINEAR_ROWS gives. On the development machine that kernel
+// beat MKL at every shape tried (8 to 2048 rows, weights up to 14336 x 4096).
 int64_t jamba_wide_product_rows() {
 #if defined(__AVX512F__)
     return kBroadcastRows;

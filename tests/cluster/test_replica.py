@@ -1,6 +1,7 @@
 """A replica of 2 layer groups and 2 expert shards against the in-process model."""
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import time
@@ -15,6 +16,16 @@ from cluster.replica import RayReplica, ReplicaFailure
 from jamba.generate import generate
 from jamba.model import JambaArgs
 from serve.runner import LocalRunner
+
+
+@contextlib.contextmanager
+def started_replica(path, **options):
+    """A RayReplica of the checkpoint at `path`, shut down on leaving the block."""
+    replica = RayReplica(path, **options)
+    try:
+        yield replica
+    finally:
+        replica.shutdown()
 
 
 @pytest.fixture(scope="module", params=["collective", "ray"])
@@ -101,9 +112,8 @@ def test_listeners_stay_on_loopback(replica):
 @pytest.mark.parametrize("victim", ["shard 1", "group 0", "group 1"])
 def test_dead_actor_fails_then_recovers(ray_cluster, tiny_checkpoint, victim):
     path, model = tiny_checkpoint
-    replica = RayReplica(path, num_slots=2, max_len=64, transport="collective", threads_per_actor=1,
-                         step_timeout_s=30)
-    try:
+    with started_replica(path, num_slots=2, max_len=64, transport="collective", threads_per_actor=1,
+                         step_timeout_s=30) as replica:
         replica.prefill([0], [[5, 6, 7]], [None])
         kind, index = victim.split()
         ray.kill((replica.shards if kind == "shard" else replica.groups)[int(index)], no_restart=True)
@@ -118,16 +128,13 @@ def test_dead_actor_fails_then_recovers(ray_cluster, tiny_checkpoint, victim):
         logits = replica.prefill([0], [[5, 6, 7]], [None])
         expected = model(torch.tensor([[5, 6, 7]])).logits[0, -1]
         assert (logits[0] - expected).abs().max().item() < 1e-4
-    finally:
-        replica.shutdown()
 
 
 def test_idle_replica_keeps_serving_with_default_threads(ray_cluster, tiny_checkpoint):
     """Actors wait for requests longer than the step timeout, and compute on the threads Ray gives their CPUs."""
     path, model = tiny_checkpoint
-    replica = RayReplica(path, num_slots=2, max_len=64, layer_groups=1, expert_shards=1, cpus_per_actor=2,
-                         step_timeout_s=3)
-    try:
+    with started_replica(path, num_slots=2, max_len=64, layer_groups=1, expert_shards=1, cpus_per_actor=2,
+                         step_timeout_s=3) as replica:
         threads = ray.get([a.__ray_call__.remote(lambda actor: actor.threads) for a in replica._actors])
         assert threads == [2, 2]
 
@@ -138,14 +145,11 @@ def test_idle_replica_keeps_serving_with_default_threads(ray_cluster, tiny_check
         logits.append(replica.decode([0], [8]))
         assert replica.rebuilds == 0
         assert max((a - b).abs().max().item() for a, b in zip(logits, expected)) < 1e-4
-    finally:
-        replica.shutdown()
 
 
 def test_failed_rebuild_is_tried_again(ray_cluster, tiny_checkpoint, monkeypatch):
     path, model = tiny_checkpoint
-    replica = RayReplica(path, num_slots=2, max_len=64, threads_per_actor=1, step_timeout_s=30)
-    try:
+    with started_replica(path, num_slots=2, max_len=64, threads_per_actor=1, step_timeout_s=30) as replica:
         replica.prefill([0], [[5, 6, 7]], [None])
         ray.kill(replica.shards[0], no_restart=True)
         with pytest.raises(ReplicaFailure):
@@ -168,24 +172,19 @@ def test_failed_rebuild_is_tried_again(ray_cluster, tiny_checkpoint, monkeypatch
         assert replica.rebuilds == 2
         expected = model(torch.tensor([[5, 6, 7]])).logits[0, -1]
         assert (logits[0] - expected).abs().max().item() < 1e-4
-    finally:
-        replica.shutdown()
 
 
 def test_shard_without_experts_matches_in_process(ray_cluster, tiny_checkpoint):
-    """An explicit plan may leave a shard without experts; decode steps still send it every token."""
+    """An explicit plan may leave a shard without experts, and decode steps still send it every token."""
     path, model = tiny_checkpoint
     args = JambaArgs.from_dict(model.args.to_dict())
     layout = make_plan(args, layer_groups=1, expert_shards=2).to_dict()
     layout["expert_shards"][0]["experts"] = list(range(args.num_experts))
     layout["expert_shards"][1]["experts"] = []
-    replica = RayReplica(path, num_slots=2, max_len=64, plan=ReplicaPlan.from_dict(layout, args),
-                         threads_per_actor=1)
-    try:
+    plan = ReplicaPlan.from_dict(layout, args)
+    with started_replica(path, num_slots=2, max_len=64, plan=plan, threads_per_actor=1) as replica:
         local = LocalRunner(model, num_slots=2, max_len=64)
         diffs = [local.prefill([1], [[5, 6, 7]], [None]) - replica.prefill([1], [[5, 6, 7]], [None])]
         for token in (8, 9, 10):
             diffs.append(local.decode([1], [token]) - replica.decode([1], [token]))
         assert max(d.abs().max().item() for d in diffs) < 1e-4
-    finally:
-        replica.shutdown()
