@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from accelerate import init_empty_weights
 
+from cluster.links import LinkSpec, Messenger
 from cluster.plan import ExpertShardSpec, LayerGroupSpec, ReplicaPlan
 from jamba.checkpoint import CheckpointReader, fill_module, load_args
 from jamba.distributed import bound_store, client_store
@@ -95,35 +96,35 @@ def control_group(store, rank: int, size: int, timeout_s: float) -> dist.Process
     return dist.ProcessGroupGloo(dist.PrefixStore("control/", store), rank, size, options)
 
 
-def send_request(control, ranks, op: int, *tensors: torch.Tensor, header: tuple[int, int, int] = (0, 0, 0)) -> list:
-    """Start sending the request `op` with its tensors to every rank in `ranks`; return the sends to wait for.
+def send_request(messenger: Messenger, ranks, op: int, *tensors: torch.Tensor,
+                 header: tuple[int, int, int] = (0, 0, 0)) -> list:
+    """Send the request `op` with its tensors to every rank in `ranks`; return the sends still in flight.
 
-    A send can take milliseconds to complete on a busy machine, so a caller that expects a reply waits for the
-    reply first. Waiting raises RuntimeError if a rank is gone.
+    A gloo send can take milliseconds to complete on a busy machine, so a caller that expects a reply waits for
+    the reply first. Sending or waiting raises RuntimeError if a rank is gone.
     """
-    messages = [torch.tensor([op, *header], dtype=torch.long), *(t.contiguous() for t in tensors)]
-    return [control.send([message], rank, 0) for rank in ranks for message in messages]
+    head = torch.tensor([op, *header], dtype=torch.long)
+    return [work for rank in ranks for work in messenger.send_headed(rank, head, tensors)]
 
 
-def receive_request(control, runner: int) -> tuple[int, tuple[torch.Tensor, ...]]:
+def receive_request(messenger: Messenger, runner: int) -> tuple[int, tuple[torch.Tensor | None, ...]]:
     """Wait for the runner's next request; return its op and tensors (a StepInput's fields for STEP)."""
-    header = torch.empty(4, dtype=torch.long)
-    control.recv([header], runner, 0).wait(IDLE_WAIT)
-    op, first, second, has_mask = header.tolist()
+    def describe(head):
+        op, first, second, has_mask = head.tolist()
+        if op == STEP:
+            ids, slots = torch.empty(first, second, dtype=torch.long), torch.empty(first, dtype=torch.long)
+            return [ids, slots, torch.empty(first, second, dtype=torch.long)] if has_mask else [ids, slots]
+        if op == FREE:
+            return [torch.empty(first, dtype=torch.long)]
+        raise ValueError(f"unknown request {op} from the runner; the runner and the actors run different code")
+
+    head = torch.empty(4, dtype=torch.long)
+    tensors = messenger.recv_headed(runner, head, describe, IDLE_WAIT.total_seconds())
+    op = int(head[0])
     if op == STEP:
-        ids, slots = torch.empty(first, second, dtype=torch.long), torch.empty(first, dtype=torch.long)
-        control.recv([ids], runner, 0).wait()
-        control.recv([slots], runner, 0).wait()
-        mask = None
-        if has_mask:
-            mask = torch.empty(first, second, dtype=torch.long)
-            control.recv([mask], runner, 0).wait()
-        return op, (ids, mask, slots)
-    if op == FREE:
-        slots = torch.empty(first, dtype=torch.long)
-        control.recv([slots], runner, 0).wait()
-        return op, (slots,)
-    raise ValueError(f"unknown request {op} from the runner; the runner and the actors run different code")
+        ids, slots, *mask = tensors
+        return op, (ids, mask[0] if mask else None, slots)
+    return op, tuple(tensors)
 
 
 class StepServer:
@@ -134,16 +135,36 @@ class StepServer:
     """
 
     threads: int  # torch threads of the steps
+    plan: ReplicaPlan
+    messenger: Messenger
 
-    def start_serving(self) -> None:
-        """Start serving requests on a thread of its own; returns at once."""
+    def process(self) -> tuple[str, int]:
+        """This actor's node and process id."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
+    def init_collective(self, rank: int, world_size: int, address: str, port: int, timeout_s: float,
+                        links: list[LinkSpec]) -> None:
+        """Join the actors' group (ranks 0..world_size-1) and the control group, whose last rank is the runner, and
+        create the shared-memory links this actor sends on."""
+        store = _init_process_group(rank, world_size, address, port, timeout_s, self.plan.device,
+                                    getattr(self, "_store", None))
+        self.runner_rank = world_size
+        self.messenger = Messenger(rank, control_group(store, rank, world_size + 1, timeout_s), timeout_s)
+        self.messenger.create_links(links)
+        self._links = links
+
+    def start_serving(self, pids: list[int], names: list[str]) -> None:
+        """Open the links this actor receives on, then serve requests on a thread of its own; returns at once."""
+        self.messenger.open_links(self._links, pids, names)
         threading.Thread(target=self._serve_safely, name="replica-steps", daemon=True).start()
 
     def _serve_safely(self) -> None:
         torch.set_num_threads(self.threads)
         try:
             while True:
-                self.serve_request(*receive_request(self.control, self.runner_rank))
+                self.serve_request(*receive_request(self.messenger, self.runner_rank))
         except BaseException:
             log.exception("%s failed while serving the runner's requests; exiting", self.ready())
             logging.shutdown()
@@ -297,17 +318,17 @@ class LayerGroup(StepServer):
         if not self.spec.has_embedding:
             batch, length = step.input_ids.shape
             hidden = torch.empty(batch, length, self.args.hidden_size, dtype=self._dtype(), device=self.device)
-            dist.recv(hidden, src=rank - 1)
+            self.messenger.recv(rank - 1, [hidden])
 
         shard_ranks = [len(self.plan.layer_groups) + s.index for s in self.plan.expert_shards]
 
         def dispatch_whole_batch(x, weights, experts):
             payload = torch.cat([x.float(), _routing(weights, experts)], dim=-1)
-            sends = [dist.isend(payload, dst=shard_rank) for shard_rank in shard_ranks]
+            sends = [work for shard_rank in shard_ranks for work in self.messenger.send(shard_rank, [payload])]
             out = None
             for shard_rank in shard_ranks:
                 result = torch.empty_like(x)
-                dist.recv(result, src=shard_rank)
+                self.messenger.recv(shard_rank, [result])
                 out = result if out is None else out.add_(result)
             for work in sends:
                 work.wait()
@@ -339,7 +360,8 @@ class LayerGroup(StepServer):
 
         out = self.run(step, hidden, dispatch_for_layer)
         if not self.spec.has_head:
-            dist.send(out.contiguous(), dst=rank + 1)
+            for work in self.messenger.send(rank + 1, [out]):
+                work.wait()
             return None
         return out
 
@@ -350,19 +372,13 @@ class LayerGroup(StepServer):
         self._store, address, port = open_store(world_size, timeout_s)
         return address, port
 
-    def init_collective(self, rank: int, world_size: int, address: str, port: int, timeout_s: float) -> None:
-        """Join the actors' group (ranks 0..world_size-1) and the control group, whose last rank is the runner."""
-        store = _init_process_group(rank, world_size, address, port, timeout_s, self.plan.device,
-                                    getattr(self, "_store", None))
-        self.control, self.runner_rank = control_group(store, rank, world_size + 1, timeout_s), world_size
-
     def serve_request(self, op: int, tensors: tuple[torch.Tensor, ...]) -> None:
         if op == STEP:
             ids, mask, slots = tensors
             out = self.forward_collective(StepInput(ids, mask, slots))
             load, self.expert_load = self.expert_load, torch.zeros_like(self.expert_load)
-            replies = [out.contiguous(), load] if self.spec.has_head else [load]
-            for work in [self.control.send([reply], self.runner_rank, 0) for reply in replies]:
+            replies = [out, load] if self.spec.has_head else [load]
+            for work in self.messenger.send(self.runner_rank, replies, control=True):
                 work.wait()
         elif op == FREE:
             self.cache.free(tensors[0].tolist())
@@ -422,14 +438,15 @@ class ExpertShard(StepServer):
             owner = self.plan.owner_of_layer(layer).index
             if tokens <= WHOLE_BATCH_TOKENS:
                 payload = torch.empty(tokens, hidden + 2 * k, dtype=torch.float32, device=self.device)
-                dist.recv(payload, src=owner)
+                self.messenger.recv(owner, [payload])
                 weights, experts = _unpack_routing(payload[:, hidden:], self.dtype)
                 x = payload[:, :hidden].to(self.dtype).contiguous()
                 if self.spec.experts:
                     out = run_experts(self._experts(layer), self.spec.experts, x, weights, experts)
                 else:  # an explicit plan may leave a shard without experts
                     out = torch.zeros_like(x)
-                dist.send(out.contiguous(), dst=owner)
+                for work in self.messenger.send(owner, [out]):
+                    work.wait()
                 continue
             routing = torch.empty(tokens, 2 * k, dtype=torch.float32, device=self.device)
             dist.recv(routing, src=owner)
@@ -441,11 +458,6 @@ class ExpertShard(StepServer):
             dist.recv(x, src=owner)
             out = run_experts(self._experts(layer), self.spec.experts, x, weights[idx], experts[idx])
             dist.send(out.contiguous(), dst=owner)
-
-    def init_collective(self, rank: int, world_size: int, address: str, port: int, timeout_s: float) -> None:
-        """Join the actors' group (ranks 0..world_size-1) and the control group, whose last rank is the runner."""
-        store = _init_process_group(rank, world_size, address, port, timeout_s, self.plan.device)
-        self.control, self.runner_rank = control_group(store, rank, world_size + 1, timeout_s), world_size
 
     def serve_request(self, op: int, tensors: tuple[torch.Tensor, ...]) -> None:
         if op == STEP:

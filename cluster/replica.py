@@ -12,6 +12,7 @@ timeout, `step_timeout_s`.
 """
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 
@@ -20,7 +21,9 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.actors import FREE, STEP, ExpertShard, LayerGroup, StepInput, control_group, send_request
+from cluster.actors import (FREE, STEP, WHOLE_BATCH_TOKENS, ExpertShard, LayerGroup, StepInput, control_group,
+                            send_request)
+from cluster.links import Link, Messenger, plan_links
 from cluster.plan import ReplicaPlan, make_plan
 from jamba.checkpoint import load_args
 from jamba.distributed import client_store
@@ -29,6 +32,8 @@ from jamba.generate import left_pad
 log = logging.getLogger(__name__)
 
 TRANSPORTS = ("collective", "ray")
+# Room in the runner's link to each actor: decode steps of every slot, and prompts of a few thousand tokens.
+REQUEST_BYTES = 64 * 1024
 
 
 class ReplicaFailure(ConnectionError):
@@ -61,7 +66,8 @@ class RayReplica:
         self._broken = False
         self._actors: list = []
         self._pg = None
-        self._control = None  # this process's end of the control group, for the collective transport
+        self._messenger = None  # this process's end of the control group and links, for the collective transport
+        self._links = []
         self._expert_load = torch.zeros(len(self.plan.moe_layers), self.args.num_experts, dtype=torch.long)
         log.info("%s\ntransport: %s", self.plan.describe(), transport)
         self._build()
@@ -112,19 +118,56 @@ class RayReplica:
             self._join_collective()
 
     def _join_collective(self) -> None:
-        """Connect the actors' group and the control group, with this process as the control group's last rank."""
+        """Connect the actors' group and the control group, with this process as the control group's last rank,
+        and the shared-memory links between the processes that share a node (see cluster/links.py)."""
         world = len(self._actors)
+        places = [*self._wait([a.process.remote() for a in self._actors], "setup"),
+                  (ray.get_runtime_context().get_node_id(), os.getpid())]
+        nodes, pids = [node for node, _ in places], [pid for _, pid in places]
+        names = [f"layer group {i}" for i in range(len(self.groups))]
+        names += [f"expert shard {i}" for i in range(len(self.shards))] + ["the runner"]
+        self._links = plan_links(nodes, pids, self._link_sizes())
+        messenger = Messenger(world, None, self.step_timeout_s)
+        messenger.create_links(self._links)
+        self._messenger = messenger
         address, port = self._wait([self.groups[0].open_store.remote(world + 1, self.step_timeout_s)], "setup")[0]
-        joined = [a.init_collective.remote(rank, world, address, port, self.step_timeout_s)
+        joined = [a.init_collective.remote(rank, world, address, port, self.step_timeout_s, self._links)
                   for rank, a in enumerate(self._actors)]
         try:
             # Building the group returns once every rank has joined, so the actors' calls must be under way.
             store = client_store(address, port, world + 1, self.step_timeout_s)
-            self._control = control_group(store, world, world + 1, self.step_timeout_s)
+            messenger.control = control_group(store, world, world + 1, self.step_timeout_s)
         except RuntimeError as error:  # torch's store and gloo errors, a timeout included
             self._control_failed("collective setup", error)
         self._wait(joined, "collective setup")
-        self._wait([a.start_serving.remote() for a in self._actors], "collective setup")
+        messenger.open_links(self._links, pids, names)
+        self._wait([a.start_serving.remote(pids, names) for a in self._actors], "collective setup")
+        log.info("shared-memory links: %s", ", ".join(f"{names[s.src]} -> {names[s.dst]}" for s in self._links)
+                 or "none")
+
+    def _link_sizes(self) -> dict[tuple[int, int], int]:
+        """Capacity in bytes of the link for each pair of ranks that exchange messages: enough for decode steps
+        of every slot at once; larger messages (prefill) take the groups."""
+        args, groups, runner = self.args, len(self.groups), len(self._actors)
+        slots, hidden, k = self.num_slots, args.hidden_size, args.num_experts_per_tok
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        tokens = max(slots, WHOLE_BATCH_TOKENS)
+        load = self._expert_load.numel() * 8
+        sizes = {}
+        for rank in range(runner):
+            sizes[runner, rank] = REQUEST_BYTES + 2 * 8 * slots
+        for g in range(groups):
+            sizes[g, runner] = load + (slots * self.vocab_size * 4 if g == groups - 1 else 0) + 64
+            if g + 1 < groups:
+                sizes[g, g + 1] = tokens * hidden * element
+        if self.plan.device == "cpu":  # activations on GPUs go over NCCL
+            for g, spec in enumerate(self.plan.layer_groups):
+                if not any(layer in self.plan.moe_layers for layer in spec.layers):
+                    continue
+                for s in range(len(self.shards)):
+                    sizes[g, groups + s] = WHOLE_BATCH_TOKENS * (hidden + 2 * k) * 4
+                    sizes[groups + s, g] = WHOLE_BATCH_TOKENS * hidden * element
+        return sizes
 
     def node_ids(self) -> dict[str, str]:
         """Node of every actor, by name: 'group 0', 'shard 1', ..."""
@@ -132,7 +175,12 @@ class RayReplica:
         return dict(zip(names, ray.get([a.node_id.remote() for a in self._actors])))
 
     def shutdown(self) -> None:
-        self._control = None  # the actors' serving threads end with them, below
+        if self._messenger is not None:  # the actors' serving threads end with them, below
+            self._messenger.close()
+            self._messenger = None
+        for spec in self._links:  # links that an actor that died early never opened, on this node
+            Link.remove(spec.path)
+        self._links = []
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
         self._actors = []
@@ -189,12 +237,11 @@ class RayReplica:
             last = len(self.groups) - 1
             logits = torch.empty(batch, self.vocab_size, dtype=torch.float32)
             try:
-                sends = send_request(self._control, range(len(self._actors)), STEP, *tensors,
+                sends = send_request(self._messenger, range(len(self._actors)), STEP, *tensors,
                                      header=(batch, length, int(step.attention_mask is not None)))
-                self._control.recv([logits], last, 0).wait()
-                for rank in range(len(self.groups)):
+                for rank in reversed(range(len(self.groups))):
                     load = torch.empty_like(self._expert_load)
-                    self._control.recv([load], rank, 0).wait()
+                    self._messenger.recv(rank, [logits, load] if rank == last else [load], control=True)
                     self._expert_load += load
                 for work in sends:
                     work.wait()
@@ -222,7 +269,7 @@ class RayReplica:
         self._ensure_healthy()
         if self.transport == "collective":
             try:
-                for work in send_request(self._control, range(len(self.groups)), FREE, torch.tensor(list(slots)),
+                for work in send_request(self._messenger, range(len(self.groups)), FREE, torch.tensor(list(slots)),
                                          header=(len(slots), 0, 0)):
                     work.wait()
             except RuntimeError as error:

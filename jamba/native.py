@@ -11,6 +11,8 @@ layers, the SwiGLU MLP, the experts, RMSNorm, the attention step and whole halve
 step is bound by reading the weights and by Python's cost per operator, so one call per half-block removes most
 of the latter.
 
+The library also holds csrc/shared_wait.cpp, the cross-process wait and wake-up of cluster/links.py.
+
 Shapes, as in jamba/ssm.py: B rows, L steps, I channels (a multiple of 8), N d_state (at most 64), R dt_rank,
 W conv width, S cache slots. Activations are (B, L, I), channels last.
 
@@ -31,7 +33,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "mamba_cpu.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("mamba_cpu.cpp", "shared_wait.cpp")]
 MAX_STATE = 64  # kMaxState in the source
 MAX_LINEAR_ROWS = 64  # rows up to which the small-batch products beat MKL on the development machine
 
@@ -88,6 +90,9 @@ class Kernels:
             function.argtypes, function.restype = argtypes, None
             setattr(self, "_" + name.removeprefix("jamba_"), function)
         lib.jamba_wide_product_rows.argtypes, lib.jamba_wide_product_rows.restype = [], ctypes.c_int64
+        lib.jamba_wait_word.argtypes, lib.jamba_wait_word.restype = [_P, ctypes.c_uint32, _P, _I, _I], _I
+        lib.jamba_set_word.argtypes, lib.jamba_set_word.restype = [_P, ctypes.c_uint32, _P], None
+        self.wait_word, self.set_word = lib.jamba_wait_word, lib.jamba_set_word  # see csrc/shared_wait.cpp
         # Whether linear_small also serves more than MAX_LINEAR_ROWS rows (prefill sizes), as AVX-512 builds do.
         self.wide_products = lib.jamba_wide_product_rows() > 0
 
@@ -285,7 +290,7 @@ def kernels() -> Kernels | None:
     try:
         # -fopenmp makes at::parallel_for in the source run on PyTorch's OpenMP pool: torch has already loaded its
         # own libgomp into the process, and the kernels bind to that library.
-        path = load(name=f"jamba_mamba_cpu_{name}", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *flags],
+        path = load(name=f"jamba_mamba_cpu_{name}", sources=[str(s) for s in SOURCES], extra_cflags=["-O3", "-fopenmp", *flags],
                     extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         return Kernels(path)
     except Exception as error:  # a missing compiler or ninja shows up as one of several exception types

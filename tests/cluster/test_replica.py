@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import os
+import select
 import subprocess
 import time
 
@@ -26,6 +27,17 @@ def started_replica(path, **options):
         yield replica
     finally:
         replica.shutdown()
+
+
+def kill(actor) -> None:
+    """Kill the actor and return once its process has exited (ray.kill returns before)."""
+    pid = ray.get(actor.process.remote())[1]
+    watch = os.pidfd_open(pid)
+    try:
+        ray.kill(actor, no_restart=True)
+        assert select.select([watch], [], [], 30)[0], f"actor process {pid} still runs 30 s after ray.kill"
+    finally:
+        os.close(watch)
 
 
 @pytest.fixture(scope="module", params=["collective", "ray"])
@@ -116,7 +128,7 @@ def test_dead_actor_fails_then_recovers(ray_cluster, tiny_checkpoint, victim):
                          step_timeout_s=30) as replica:
         replica.prefill([0], [[5, 6, 7]], [None])
         kind, index = victim.split()
-        ray.kill((replica.shards if kind == "shard" else replica.groups)[int(index)], no_restart=True)
+        kill((replica.shards if kind == "shard" else replica.groups)[int(index)])
 
         started = time.monotonic()
         with pytest.raises(ReplicaFailure, match="a model actor failed during step"):
@@ -151,7 +163,7 @@ def test_failed_rebuild_is_tried_again(ray_cluster, tiny_checkpoint, monkeypatch
     path, model = tiny_checkpoint
     with started_replica(path, num_slots=2, max_len=64, threads_per_actor=1, step_timeout_s=30) as replica:
         replica.prefill([0], [[5, 6, 7]], [None])
-        ray.kill(replica.shards[0], no_restart=True)
+        kill(replica.shards[0])
         with pytest.raises(ReplicaFailure):
             replica.decode([0], [8])
 
