@@ -102,8 +102,9 @@ class Link:
     def fits(self, tensors) -> bool:
         return _message_bytes(tensors) <= self.capacity
 
-    def _wait(self, offset: int, expected: int, peer: PeerProcess, deadline: float, what: str) -> None:
+    def _wait(self, offset: int, expected: int, peer: PeerProcess, timeout_s: float, what: str) -> None:
         """Wait until the counter at `offset` differs from `expected`."""
+        deadline = time.monotonic() + timeout_s
         word, waiters = self._base + offset, self._base + offset + 4
         if self._wait_word(word, expected, waiters, int(SPIN_S * 1e9), 0):
             return
@@ -111,13 +112,12 @@ class Link:
             if not peer.alive():
                 raise LinkError(f"{peer.name} (pid {peer.pid}) exited while this process waited for it to {what}")
             if time.monotonic() > deadline:
-                raise LinkError(f"{peer.name} did not {what} within the time allowed")
+                raise LinkError(f"timed out after {timeout_s:g} s waiting for {peer.name} to {what}")
 
     def send(self, tensors, peer: PeerProcess, timeout_s: float) -> None:
         """Copy the tensors (CPU, contiguous or not) into the link as one message; wait first if it is full."""
-        deadline = time.monotonic() + timeout_s
         previous = (self._count - 1) & 0xFFFFFFFF
-        self._wait(RECEIVED, previous, peer, deadline, "read the previous message")
+        self._wait(RECEIVED, previous, peer, timeout_s, "read the previous message")
         offset = HEADER_BYTES
         for tensor in tensors:
             size = tensor.numel() * tensor.element_size()
@@ -128,7 +128,7 @@ class Link:
 
     def receive(self, peer: PeerProcess, timeout_s: float) -> "Message":
         """Wait for the next message; read it with `Message.read` and release it with `Message.done`."""
-        self._wait(SENT, self._count, peer, time.monotonic() + timeout_s, "send a message")
+        self._wait(SENT, self._count, peer, timeout_s, "send a message")
         return Message(self)
 
     def _release(self) -> None:

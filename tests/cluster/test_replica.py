@@ -119,6 +119,22 @@ def test_listeners_stay_on_loopback(replica):
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
+def test_links_join_every_pair_on_node(ray_cluster, tiny_checkpoint):
+    """On one node every pair of processes that exchange messages has a shared-memory link, and no link's file
+    outlives the setup."""
+    path, _ = tiny_checkpoint
+    with started_replica(path, num_slots=2, max_len=64, threads_per_actor=1) as replica:
+        # Ranks: layer groups 0-1, expert shards 2-3, the runner 4.
+        pairs = {(link.src, link.dst) for link in replica._links}
+        assert pairs == {(4, 0), (4, 1), (4, 2), (4, 3), (0, 4), (1, 4), (0, 1),
+                         (0, 2), (0, 3), (2, 0), (3, 0), (1, 2), (1, 3), (2, 1), (3, 1)}
+        assert not any(os.path.exists(link.path) for link in replica._links)
+        replica.prefill([0], [[5, 6, 7]], [None])
+        assert replica._messenger.into[1]._count == 1  # the logits came over the link
+        prefix = os.path.basename(replica._links[0].path).rsplit("-", 2)[0]
+    assert not [name for name in os.listdir("/dev/shm") if name.startswith(prefix)]
+
+
 # Each actor's death must reach the runner: the shard's through the layer groups, the first group's through the
 # second, and the last group's directly.
 @pytest.mark.parametrize("victim", ["shard 1", "group 0", "group 1"])

@@ -32,6 +32,10 @@ def test_actors_land_on_planned_nodes(two_nodes, tiny_checkpoint):
         placed = replica.node_ids()
         assert len(set(nodes)) == 2
         assert placed == {"group 0": nodes[0], "shard 0": nodes[0], "group 1": nodes[1], "shard 1": nodes[1]}
+        # Shared-memory links join the processes of one node only (ranks: groups 0-1, shards 2-3, the runner 4,
+        # which runs on the head node, node 0); the rest goes over gloo.
+        assert {(link.src, link.dst) for link in replica._links} == {(4, 0), (0, 4), (4, 2), (0, 2), (2, 0), (1, 3),
+                                                                      (3, 1)}
 
         prompt = [5, 9, 14, 3]
         expected = generate(model, [prompt], max_new_tokens=5)[0].tokens
