@@ -1,11 +1,17 @@
 """Benchmark one model replica over Ray actors against the in-process model, in the same run.
 
-Decode tokens/s at batch 16 for (a) the in-process model, (b) the replica with a Ray call per hand-off and (c)
-the replica with a torch.distributed (gloo) group between its actors, plus the time each MoE layer spends on
+Decode tokens/s at batch 16 for (a) the in-process model, (b) the replica with a Ray call per hand-off, (c) the
+replica with its chosen transport (shared-memory links between the processes of a node, torch.distributed groups
+for the rest) and (d) the same without the links (gloo groups only), plus the time each MoE layer spends on
 dispatching tokens to expert shards and combining their results. The model is the `bench` preset (8 layers, MoE
 every other layer with 4 experts top-2) with random weights, 2 layer groups and 2 expert shards.
 
-    python bench/replica.py [--batch 16] [--steps 32] [--threads 2]
+    python bench/replica.py [--batch 16] [--steps 32] [--threads 1]
+
+Every process computes on `--threads` torch threads: the in-process model of (a) and each actor. One thread each
+compares like with like, since a replica's processes compute one after the other. A last row gives the in-process
+model on all usable cores, for reference: on 2 cores, actors with 2 threads each oversubscribe them (see
+docs/benchmarks.md).
 """
 
 import argparse
@@ -41,7 +47,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16, help="sequences decoded together")
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads in-process and per actor")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in-process and per actor")
     parser.add_argument("--layer-groups", type=int, default=2, help="layer-group actors of the replica")
     parser.add_argument("--expert-shards", type=int, default=2, help="expert-shard actors of the replica")
     options = parser.parse_args()
@@ -57,17 +63,24 @@ def main():
              None)]
     ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level="ERROR", log_to_driver=False)
-    for label, transport in (("(b) replica, Ray call per hand-off", "ray"),
-                             ("(c) replica, gloo group", "collective")):
+    for label, transport, shared_memory in (("(b) replica, Ray call per hand-off", "ray", False),
+                                            ("(c) replica, shared-memory links + gloo", "collective", True),
+                                            ("(d) replica, gloo groups only", "collective", False)):
         replica = RayReplica(path, options.batch, max_len, layer_groups=options.layer_groups,
                              expert_shards=options.expert_shards, transport=transport,
-                             threads_per_actor=options.threads)
+                             threads_per_actor=options.threads, shared_memory=shared_memory)
         rate = decode_rate(replica, options.batch, options.steps)
         stats = ray.get([g.take_dispatch_stats.remote() for g in replica.groups])
         seconds, calls = sum(s for s, _ in stats), sum(c for _, c in stats)
         rows.append((label, rate, 1000 * seconds / max(calls, 1)))
         replica.shutdown()
     ray.shutdown()
+
+    cores = len(os.sched_getaffinity(0))
+    if cores != options.threads:
+        torch.set_num_threads(cores)
+        rate = decode_rate(LocalRunner(model, options.batch, max_len), options.batch, options.steps)
+        rows.append((f"in-process on {cores} threads, for reference", rate, None))
 
     reference = rows[0][1]
     print(f"\ndecode at batch {options.batch}, {options.steps} steps, {options.layer_groups} layer groups and "

@@ -46,7 +46,8 @@ class RayReplica:
     def __init__(self, model_dir: str, num_slots: int, max_len: int, plan: ReplicaPlan | None = None,
                  layer_groups: int = 2, expert_shards: int = 2, transport: str = "collective",
                  dtype: torch.dtype = torch.float32, scan: str = "auto", cpus_per_actor: float = 1.0,
-                 threads_per_actor: int | None = None, step_timeout_s: float = 120.0, name: str = "jamba"):
+                 threads_per_actor: int | None = None, step_timeout_s: float = 120.0, name: str = "jamba",
+                 shared_memory: bool = True):
         from serve.runner import summarize
 
         if transport not in TRANSPORTS:
@@ -60,6 +61,7 @@ class RayReplica:
         self.adapters: tuple[str, ...] = ()
         self.pad_id = self.args.pad_token_id or 0
         self.transport = transport
+        self.shared_memory = shared_memory  # links between the processes of one node (collective transport)
         self.cpus_per_actor, self.threads_per_actor = cpus_per_actor, threads_per_actor
         self.step_timeout_s = step_timeout_s
         self.rebuilds = 0
@@ -126,7 +128,7 @@ class RayReplica:
         nodes, pids = [node for node, _ in places], [pid for _, pid in places]
         names = [f"layer group {i}" for i in range(len(self.groups))]
         names += [f"expert shard {i}" for i in range(len(self.shards))] + ["the runner"]
-        self._links = plan_links(nodes, pids, self._link_sizes())
+        self._links = plan_links(nodes, pids, self._link_sizes()) if self.shared_memory else []
         messenger = Messenger(world, None, self.step_timeout_s)
         messenger.create_links(self._links)
         self._messenger = messenger
