@@ -160,9 +160,9 @@ class RayReplica:
             sizes[runner, rank] = REQUEST_BYTES + 2 * 8 * slots
         for g in range(groups):
             sizes[g, runner] = load + (slots * self.vocab_size * 4 if g == groups - 1 else 0) + 64
-            if g + 1 < groups:
-                sizes[g, g + 1] = tokens * hidden * element
         if self.plan.device == "cpu":  # activations on GPUs go over NCCL
+            for g in range(groups - 1):
+                sizes[g, g + 1] = tokens * hidden * element
             for g, spec in enumerate(self.plan.layer_groups):
                 if not any(layer in self.plan.moe_layers for layer in spec.layers):
                     continue

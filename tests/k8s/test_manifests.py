@@ -278,6 +278,16 @@ def test_serve_environment_paths_are_mounted(rendered, name):
         assert model_dir.startswith("/app/") or any(model_dir.startswith(path + "/") for path in paths), where
 
 
+@pytest.mark.parametrize("name", SERVING)
+def test_serving_pods_mount_memory_shm(rendered, name):
+    """The replica's shared-memory links and Ray's object store need more than a container's default /dev/shm."""
+    for where, template in ray_pod_templates(rayservice(rendered, name)):
+        volumes = {volume["name"]: volume for volume in template["spec"].get("volumes", [])}
+        paths = mounts(template["spec"]["containers"][0])
+        assert "/dev/shm" in paths, f"{where}: /dev/shm is not a mounted volume"
+        assert volumes[paths["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory", where
+
+
 @pytest.mark.parametrize("name", FINETUNING)
 def test_finetuning_output_reaches_service(rendered, name):
     options = entrypoint_options(rayjob(rendered, name))
