@@ -6,7 +6,7 @@ for the rest) and (d) the same without the links (gloo groups only), plus the ti
 dispatching tokens to expert shards and combining their results. The model is the `bench` preset (8 layers, MoE
 every other layer with 4 experts top-2) with random weights, 2 layer groups and 2 expert shards.
 
-    python bench/replica.py [--batch 16] [--steps 32] [--threads 1]
+    python bench/replica.py [--batch 16] [--steps 100] [--repeats 3] [--threads 1]
 
 Every process computes on `--threads` torch threads: the in-process model of (a) and each actor. One thread each
 compares like with like, since a replica's processes compute one after the other. A last row gives the in-process
@@ -16,6 +16,7 @@ docs/benchmarks.md).
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 
@@ -29,24 +30,28 @@ from jamba.model import Jamba, JambaArgs  # noqa: E402
 from serve.runner import LocalRunner  # noqa: E402
 
 
-def decode_rate(runner, batch: int, steps: int, prompt_len: int = 16) -> float:
+def decode_rate(runner, batch: int, steps: int, repeats: int, prompt_len: int = 16) -> float:
+    """Decode tokens/s at `batch` over `steps` steps after a prefill: the median of `repeats` runs."""
     slots = list(range(batch))
     prompts = [[3 + (i * 7 + j) % 4000 for j in range(prompt_len)] for i in slots]
-    logits = runner.prefill(slots, prompts, [None] * batch)
-    tokens = logits.argmax(-1).tolist()
-    runner.decode(slots, tokens)  # warm-up
-    started = time.perf_counter()
-    for _ in range(steps):
-        tokens = runner.decode(slots, tokens).argmax(-1).tolist()
-    elapsed = time.perf_counter() - started
-    runner.free(slots)
-    return batch * steps / elapsed
+    rates = []
+    for _ in range(repeats):
+        logits = runner.prefill(slots, prompts, [None] * batch)
+        tokens = logits.argmax(-1).tolist()
+        runner.decode(slots, tokens)  # warm-up
+        started = time.perf_counter()
+        for _ in range(steps):
+            tokens = runner.decode(slots, tokens).argmax(-1).tolist()
+        rates.append(batch * steps / (time.perf_counter() - started))
+        runner.free(slots)
+    return statistics.median(rates)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16, help="sequences decoded together")
-    parser.add_argument("--steps", type=int, default=32, help="timed decode steps")
+    parser.add_argument("--steps", type=int, default=100, help="timed decode steps per run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per runner; the table gives the median")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in-process and per actor")
     parser.add_argument("--layer-groups", type=int, default=2, help="layer-group actors of the replica")
     parser.add_argument("--expert-shards", type=int, default=2, help="expert-shard actors of the replica")
@@ -59,8 +64,10 @@ def main():
     model.save_pretrained(path)
     max_len = 16 + options.steps + 2
 
-    rows = [("(a) in-process", decode_rate(LocalRunner(model, options.batch, max_len), options.batch, options.steps),
-             None)]
+    def in_process_rate():
+        return decode_rate(LocalRunner(model, options.batch, max_len), options.batch, options.steps, options.repeats)
+
+    rows = [("(a) in-process", in_process_rate(), None)]
     ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level="ERROR", log_to_driver=False)
     for label, transport, shared_memory in (("(b) replica, Ray call per hand-off", "ray", False),
@@ -69,7 +76,7 @@ def main():
         replica = RayReplica(path, options.batch, max_len, layer_groups=options.layer_groups,
                              expert_shards=options.expert_shards, transport=transport,
                              threads_per_actor=options.threads, shared_memory=shared_memory)
-        rate = decode_rate(replica, options.batch, options.steps)
+        rate = decode_rate(replica, options.batch, options.steps, options.repeats)
         stats = ray.get([g.take_dispatch_stats.remote() for g in replica.groups])
         seconds, calls = sum(s for s, _ in stats), sum(c for _, c in stats)
         rows.append((label, rate, 1000 * seconds / max(calls, 1)))
@@ -79,11 +86,11 @@ def main():
     cores = len(os.sched_getaffinity(0))
     if cores != options.threads:
         torch.set_num_threads(cores)
-        rate = decode_rate(LocalRunner(model, options.batch, max_len), options.batch, options.steps)
-        rows.append((f"in-process on {cores} threads, for reference", rate, None))
+        rows.append((f"in-process on {cores} threads, for reference", in_process_rate(), None))
 
     reference = rows[0][1]
-    print(f"\ndecode at batch {options.batch}, {options.steps} steps, {options.layer_groups} layer groups and "
+    print(f"\ndecode at batch {options.batch}, median of {options.repeats} runs of {options.steps} steps, "
+          f"{options.layer_groups} layer groups and "
           f"{options.expert_shards} expert shards, {options.threads} threads per process, torch {torch.__version__}\n")
     print("| runner | tokens/s | vs in-process | dispatch per MoE layer (ms) |")
     print("|---|---:|---:|---:|")

@@ -37,7 +37,8 @@ SENT, SENT_WAITERS, RECEIVED, RECEIVED_WAITERS = 0, 4, 64, 68  # byte offsets of
 ALIGN = 64  # bytes, so each tensor of a message starts on a cache line
 
 # A waiting process spins this long before it sleeps: longer than a step's gaps while a replica decodes, short
-# enough that an idle replica sleeps within a blink.
+# enough that an idle replica soon sleeps. It sleeps sooner when another process wants its core (see
+# csrc/shared_wait.cpp in jamba).
 SPIN_S = 0.02
 # A sleeping waiter wakes up this often to check that its peer still runs.
 CHECK_S = 0.1

@@ -2,7 +2,9 @@
 // cluster/links.py. Loaded with the kernels by jamba/native.py.
 //
 // A waiter first spins, calling sched_yield between reads so that a process that needs its core gets it at
-// once, and then sleeps on a futex. The writer wakes sleepers only when the waiter count is not zero, so a
+// once, and then sleeps on a futex. It goes to sleep early when a yield let another process run: the scheduler
+// shares a core fairly between runnable processes, so a spinner that keeps yielding would still take its share
+// from the process it waits for when both sit on one core. The writer wakes sleepers only when the waiter count is not zero, so a
 // message to a spinning reader costs one store. Waking a sleeping process on another core takes 100 us or more
 // on a virtual machine, against about 3 us for a spinning one.
 //
@@ -28,6 +30,9 @@ int64_t now_ns() {
     return t.tv_sec * 1000000000LL + t.tv_nsec;
 }
 
+// A spin that waited this long in one sched_yield gave its core to another process.
+constexpr int64_t kYieldedNs = 50000;
+
 uint32_t load(const uint32_t* word) { return __atomic_load_n(word, __ATOMIC_SEQ_CST); }
 
 }  // namespace
@@ -38,11 +43,15 @@ extern "C" {
 // changed and 0 when the time ran out. *waiters counts the sleepers on word (shared with jamba_set_word).
 int64_t jamba_wait_word(uint32_t* word, uint32_t expected, uint32_t* waiters, int64_t spin_ns, int64_t sleep_ns) {
     const int64_t spin_end = now_ns() + spin_ns;
-    for (int64_t i = 0;; ++i) {
+    for (int64_t now = now_ns(); now < spin_end;) {
         if (load(word) != expected) return 1;
-        if ((i & 63) == 63 && now_ns() >= spin_end) break;
         sched_yield();
+        const int64_t before = now;
+        now = now_ns();
+        // A yield this long ran another process on this core, which the spinning would slow down: sleep instead.
+        if (now - before > kYieldedNs) break;
     }
+    if (load(word) != expected) return 1;
     if (sleep_ns <= 0) return 0;
     timespec timeout{static_cast<time_t>(sleep_ns / 1000000000LL), static_cast<long>(sleep_ns % 1000000000LL)};
     __atomic_add_fetch(waiters, 1, __ATOMIC_SEQ_CST);
