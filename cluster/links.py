@@ -58,13 +58,24 @@ class PeerProcess:
     def __init__(self, pid: int, name: str):
         self.pid, self.name = pid, name
         # A pidfd refers to this very process, even once its pid is reused, and reads as ready when it exits.
-        self._fd = os.pidfd_open(pid)
+        # Kernels before 5.3 (or a seccomp profile) may lack it; then /proc tells, if less exactly.
+        try:
+            self._fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            self._fd = None
 
     def alive(self) -> bool:
-        return not select.select([self._fd], [], [], 0)[0]
+        if self._fd is not None:
+            return not select.select([self._fd], [], [], 0)[0]
+        try:
+            with open(f"/proc/{self.pid}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")  # not a zombie
+        except OSError:
+            return False
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd is not None:
+            os.close(self._fd)
 
 
 class Link:
@@ -167,7 +178,7 @@ class LinkSpec:
 
 def plan_links(nodes: list[str], pids: list[int], pairs: dict[tuple[int, int], int]) -> list[LinkSpec]:
     """Links for the pairs (src, dst) -> capacity whose ranks share a node; nodes[r] and pids[r] are rank r's."""
-    if not os.path.isdir(SHM_DIR) or native.kernels() is None:
+    if not os.access(SHM_DIR, os.W_OK) or native.kernels() is None:
         return []
     token = uuid.uuid4().hex[:12]
     return [LinkSpec(src, dst, os.path.join(SHM_DIR, f"jamba-{token}-{src}-{dst}"), capacity)

@@ -93,6 +93,20 @@ def test_wait_ends_when_peer_exits():
         peer.close()
 
 
+def test_peer_exit_seen_without_pidfd(monkeypatch):
+    process, _, _ = start_echo(count=0)
+    monkeypatch.delattr(os, "pidfd_open")
+    peer = PeerProcess(process.pid, "echo")
+    assert peer.alive()
+    process.kill()
+    deadline = time.monotonic() + 5
+    while peer.alive():  # a zombie until this process reaps it
+        assert time.monotonic() < deadline, "a killed process still looks alive after 5 s"
+        time.sleep(0.01)
+    process.wait()
+    assert not peer.alive()
+
+
 def test_wait_times_out_for_silent_peer():
     process, link_out, link_in = start_echo(count=0)
     peer = PeerProcess(process.pid, "echo")
