@@ -176,8 +176,8 @@ class LinkSpec:
     capacity: int
 
 
-def plan_links(nodes: list[str], pids: list[int], pairs: dict[tuple[int, int], int]) -> list[LinkSpec]:
-    """Links for the pairs (src, dst) -> capacity whose ranks share a node; nodes[r] and pids[r] are rank r's."""
+def plan_links(nodes: list[str], pairs: dict[tuple[int, int], int]) -> list[LinkSpec]:
+    """Return links for the pairs (src, dst) -> capacity whose ranks share a node; nodes[r] is rank r's node."""
     if not os.access(SHM_DIR, os.W_OK) or native.kernels() is None:
         return []
     token = uuid.uuid4().hex[:12]

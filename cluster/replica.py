@@ -128,7 +128,7 @@ class RayReplica:
         nodes, pids = [node for node, _ in places], [pid for _, pid in places]
         names = [f"layer group {i}" for i in range(len(self.groups))]
         names += [f"expert shard {i}" for i in range(len(self.shards))] + ["the runner"]
-        self._links = plan_links(nodes, pids, self._link_sizes()) if self.shared_memory else []
+        self._links = plan_links(nodes, self._link_sizes()) if self.shared_memory else []
         messenger = Messenger(world, None, self.step_timeout_s)
         messenger.create_links(self._links)
         self._messenger = messenger
