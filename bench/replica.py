@@ -4,7 +4,9 @@ Decode tokens/s at batch 16 for (a) the in-process model, (b) the replica with a
 replica with its chosen transport (shared-memory links between the processes of a node, torch.distributed groups
 for the rest) and (d) the same without the links (gloo groups only), plus the time each MoE layer spends on
 dispatching tokens to expert shards and combining their results. The model is the `bench` preset (8 layers, MoE
-every other layer with 4 experts top-2) with random weights, 2 layer groups and 2 expert shards.
+every other layer with 4 experts top-2) with random weights. The replica has one actor per usable core by
+default, half layer groups and half expert shards (1 + 1 on 2 cores), as a deployment gives each actor a device
+of its own; `--layer-groups` and `--expert-shards` choose others.
 
     python bench/replica.py [--batch 16] [--steps 100] [--repeats 3] [--threads 1]
 
@@ -53,8 +55,10 @@ def main():
     parser.add_argument("--steps", type=int, default=100, help="timed decode steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per runner; the table gives the median")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in-process and per actor")
-    parser.add_argument("--layer-groups", type=int, default=2, help="layer-group actors of the replica")
-    parser.add_argument("--expert-shards", type=int, default=2, help="expert-shard actors of the replica")
+    # One actor per usable core by default: half of them layer groups, half expert shards.
+    actors = max(2, len(os.sched_getaffinity(0)))
+    parser.add_argument("--layer-groups", type=int, default=actors // 2, help="layer-group actors of the replica")
+    parser.add_argument("--expert-shards", type=int, default=actors // 2, help="expert-shard actors of the replica")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
 

@@ -114,11 +114,12 @@ class Link:
     def fits(self, tensors) -> bool:
         return _message_bytes(tensors) <= self.capacity
 
-    def _wait(self, offset: int, expected: int, peer: PeerProcess, timeout_s: float, what: str) -> None:
+    def _wait(self, offset: int, expected: int, peer: PeerProcess, timeout_s: float, what: str,
+              spin_s: float = SPIN_S) -> None:
         """Wait until the counter at `offset` differs from `expected`."""
         deadline = time.monotonic() + timeout_s
         word, waiters = self._base + offset, self._base + offset + 4
-        if self._wait_word(word, expected, waiters, int(SPIN_S * 1e9), 0):
+        if self._wait_word(word, expected, waiters, int(spin_s * 1e9), 0):
             return
         while not self._wait_word(word, expected, waiters, 0, int(CHECK_S * 1e9)):
             if not peer.alive():
@@ -138,9 +139,9 @@ class Link:
         self._count = (self._count + 1) & 0xFFFFFFFF
         self._set_word(self._base + SENT, self._count, self._base + SENT_WAITERS)
 
-    def receive(self, peer: PeerProcess, timeout_s: float) -> "Message":
+    def receive(self, peer: PeerProcess, timeout_s: float, spin_s: float = SPIN_S) -> "Message":
         """Wait for the next message; read it with `Message.read` and release it with `Message.done`."""
-        self._wait(SENT, self._count, peer, timeout_s, "send a message")
+        self._wait(SENT, self._count, peer, timeout_s, "send a message", spin_s)
         return Message(self)
 
     def _release(self) -> None:
@@ -268,11 +269,12 @@ class Messenger:
             self.control.recv([tensor], src, 0).wait()
         return tensors
 
-    def recv(self, src: int, tensors, control: bool = False, timeout_s: float | None = None) -> None:
-        """Receive a message of `src` into the tensors, which give its shapes and dtypes."""
+    def recv(self, src: int, tensors, control: bool = False, spin_s: float = SPIN_S) -> None:
+        """Receive a message of `src` into the tensors, which give its shapes and dtypes; over a link, spin for up
+        to `spin_s` before sleeping."""
         link = self.into.get(src)
         if link is not None and all(t.device.type == "cpu" for t in tensors) and link.fits(tensors):
-            message = link.receive(self.peers[src], timeout_s or self.timeout_s)
+            message = link.receive(self.peers[src], self.timeout_s, spin_s)
             for tensor in tensors:
                 message.read(tensor)
             message.done()

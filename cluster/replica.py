@@ -242,9 +242,11 @@ class RayReplica:
             try:
                 sends = send_request(self._messenger, range(len(self._actors)), STEP, *tensors,
                                      header=(batch, length, int(step.attention_mask is not None)))
+                # A reply takes a whole step, so this process sleeps at once instead of spinning on a core that
+                # an actor may need (one wake-up per step).
                 for rank in reversed(range(len(self.groups))):
                     load = torch.empty_like(self._expert_load)
-                    self._messenger.recv(rank, [logits, load] if rank == last else [load], control=True)
+                    self._messenger.recv(rank, [logits, load] if rank == last else [load], control=True, spin_s=0)
                     self._expert_load += load
                 for work in sends:
                     work.wait()
