@@ -3,9 +3,9 @@
 A decode step of the replica is a chain of small messages: the step to every actor, hidden states to the next
 layer group, tokens to the expert shards and their sums back, logits to the runner. Each message wakes the process
 that waits for it. Over gloo a message goes through a socket and the receiving process sleeps until it
-arrives: measured on the development machine (2 vCPUs), a layer group waited 0.7-1.0 ms per MoE layer for
-experts that compute in 0.2-0.4 ms, and its own layers ran slower than in one process, because every wait let its
-core sleep. A link is a file in /dev/shm that both processes map: the sender copies its tensors into it and bumps
+arrives. Measured on the development machine (2 vCPUs), a layer group waited 0.7-1.0 ms per MoE layer for experts
+that compute in 0.2-0.4 ms. Its own layers also ran slower than in one process, because every wait let its core
+sleep. A link is a file in /dev/shm that both processes map: the sender copies its tensors into it and bumps
 a counter, and the receiver spins on the counter (yielding its core to any process that needs it) before it
 sleeps on a futex (csrc/shared_wait.cpp in jamba). A message then costs a copy and a store.
 
@@ -58,7 +58,7 @@ class PeerProcess:
     def __init__(self, pid: int, name: str):
         self.pid, self.name = pid, name
         # A pidfd refers to this very process, even once its pid is reused, and reads as ready when it exits.
-        # Kernels before 5.3 (or a seccomp profile) may lack it; then /proc tells, if less exactly.
+        # Kernels before 5.3 (or a seccomp profile) may lack it, and then the process's /proc entry is read.
         try:
             self._fd = os.pidfd_open(pid)
         except (AttributeError, OSError):

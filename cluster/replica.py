@@ -150,7 +150,7 @@ class RayReplica:
     def _link_sizes(self) -> dict[tuple[int, int], int]:
         """Return the capacity in bytes of the link for each pair of ranks that exchange messages.
 
-        A link holds a decode step of every slot at once. Larger messages (prefill) take the groups."""
+        A link fits a decode step of every slot at once. Larger messages (prefill) take the groups."""
         args, groups, runner = self.args, len(self.groups), len(self._actors)
         slots, hidden, k = self.num_slots, args.hidden_size, args.num_experts_per_tok
         element = torch.tensor([], dtype=self.dtype).element_size()
