@@ -18,6 +18,7 @@ times a second, that the peer process still runs (through a pidfd), and gives up
 peer ends the wait with `LinkError`, a RuntimeError like gloo's own errors.
 """
 
+import logging
 import mmap
 import os
 import select
@@ -30,6 +31,8 @@ import torch
 import torch.distributed as dist
 
 from jamba import native
+
+log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 HEADER_BYTES = 4096  # the counters, each on a cache line of its own, and messages start on the next page
@@ -95,7 +98,14 @@ class Link:
         fd = os.open(path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, HEADER_BYTES + capacity)
+                # Reserving the memory now turns a full /dev/shm into an error here, not a SIGBUS at the first write.
+                try:
+                    os.posix_fallocate(fd, 0, HEADER_BYTES + capacity)
+                except OSError as error:
+                    os.unlink(path)
+                    raise OSError(error.errno, f"cannot reserve {HEADER_BYTES + capacity} bytes in {SHM_DIR} for a "
+                                  f"link ({error.strerror}): give {SHM_DIR} more room, or build the replica with "
+                                  "shared_memory=False") from error
             self._map = mmap.mmap(fd, HEADER_BYTES + capacity)
         finally:
             os.close(fd)
@@ -182,8 +192,18 @@ def plan_links(nodes: list[str], pairs: dict[tuple[int, int], int]) -> list[Link
     if not os.access(SHM_DIR, os.W_OK) or native.kernels() is None:
         return []
     token = uuid.uuid4().hex[:12]
-    return [LinkSpec(src, dst, os.path.join(SHM_DIR, f"jamba-{token}-{src}-{dst}"), capacity)
-            for (src, dst), capacity in sorted(pairs.items()) if nodes[src] == nodes[dst] and capacity > 0]
+    links = [LinkSpec(src, dst, os.path.join(SHM_DIR, f"jamba-{token}-{src}-{dst}"), capacity)
+             for (src, dst), capacity in sorted(pairs.items()) if nodes[src] == nodes[dst] and capacity > 0]
+    # This process's node is the last rank's. Where its /dev/shm is short, go without links rather than fail.
+    here = [link for link in links if nodes[link.src] == nodes[-1]]
+    needed = sum(HEADER_BYTES + link.capacity for link in here)
+    stat = os.statvfs(SHM_DIR)
+    if needed > stat.f_bavail * stat.f_frsize:
+        log.warning("%s has %d bytes free, fewer than the %d the replica's shared-memory links need on this node; "
+                    "using the torch.distributed groups only (mount a larger %s to use them)", SHM_DIR,
+                    stat.f_bavail * stat.f_frsize, needed, SHM_DIR)
+        return []
+    return links
 
 
 class Messenger:

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cluster.links import SHM_DIR, Link, LinkError, LinkSpec, Messenger, PeerProcess
+from cluster.links import SHM_DIR, Link, LinkError, LinkSpec, Messenger, PeerProcess, plan_links
 from jamba import native
 from jamba.distributed import bound_store
 
@@ -176,3 +176,30 @@ def test_messenger_sends_what_does_not_fit_over_group():
     finally:
         process.kill()
         messenger.close()
+
+
+def test_short_shm_means_no_links(monkeypatch, caplog):
+    class Full:
+        f_bavail, f_frsize = 10, 4096
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Full())
+    pairs = {(0, 1): 1 << 20, (1, 0): 1 << 20, (1, 2): 1 << 20}
+    with caplog.at_level("WARNING", logger="cluster.links"):
+        assert plan_links(["a", "a", "a"], pairs) == []
+    assert "fewer than the" in caplog.text
+
+
+def test_links_only_within_node():
+    links = plan_links(["a", "a", "b"], {(0, 1): 4096, (1, 0): 4096, (1, 2): 4096, (2, 1): 4096})
+    assert [(link.src, link.dst) for link in links] == [(0, 1), (1, 0)]
+
+
+def test_full_shm_fails_link_creation_clearly(monkeypatch):
+    def no_room(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    path = f"{SHM_DIR}/jamba-test-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(OSError, match="shared_memory=False"):
+        Link(path, 4096, create=True)
+    assert not os.path.exists(path)
