@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from accelerate import init_empty_weights
 
-from cluster.links import LinkSpec, Messenger
+from cluster.links import LinkSpec, Messenger, can_link
 from cluster.plan import ExpertShardSpec, LayerGroupSpec, ReplicaPlan
 from jamba.checkpoint import CheckpointReader, fill_module, load_args
 from jamba.distributed import bound_store, client_store
@@ -138,11 +138,11 @@ class StepServer:
     plan: ReplicaPlan
     messenger: Messenger
 
-    def process(self) -> tuple[str, int]:
-        """This actor's node and process id."""
+    def process(self) -> tuple[str, int, bool]:
+        """Return this actor's node, its process id and whether it can use shared-memory links."""
         import ray
 
-        return ray.get_runtime_context().get_node_id(), os.getpid()
+        return ray.get_runtime_context().get_node_id(), os.getpid(), can_link()
 
     def init_collective(self, rank: int, world_size: int, address: str, port: int, timeout_s: float,
                         links: list[LinkSpec]) -> None:

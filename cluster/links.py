@@ -5,9 +5,9 @@ layer group, tokens to the expert shards and their sums back, logits to the runn
 that waits for it. Over gloo a message goes through a socket and the receiving process sleeps until it
 arrives. Measured on the development machine (2 vCPUs), a layer group waited 0.7-1.0 ms per MoE layer for experts
 that compute in 0.2-0.4 ms. Its own layers also ran slower than in one process, because every wait let its core
-sleep. A link is a file in /dev/shm that both processes map: the sender copies its tensors into it and bumps
-a counter, and the receiver spins on the counter (yielding its core to any process that needs it) before it
-sleeps on a futex (csrc/shared_wait.cpp in jamba). A message then costs a copy and a store.
+sleep. A link is a file in /dev/shm that both processes map. The sender copies its tensors into
+it and bumps a counter. The receiver spins on the counter, yielding its core to any process that needs it, and
+then sleeps on a futex (csrc/shared_wait.cpp in jamba). A message then costs a copy and a store.
 
 `Messenger` sends each message over the link to its peer when there is one and the message fits in it, and over the
 torch.distributed groups otherwise (other nodes, GPU tensors, prefill-sized messages). Both ends apply the same
@@ -51,7 +51,8 @@ class LinkError(RuntimeError):
     """The peer of a link exited, or sent nothing before the deadline."""
 
 
-def _message_bytes(tensors) -> int:
+def message_bytes(tensors) -> int:
+    """Return the room a message of these tensors (or of empty ones of the same shapes) takes in a link."""
     return sum(-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t in tensors)
 
 
@@ -122,7 +123,7 @@ class Link:
             pass
 
     def fits(self, tensors) -> bool:
-        return _message_bytes(tensors) <= self.capacity
+        return message_bytes(tensors) <= self.capacity
 
     def _wait(self, offset: int, expected: int, peer: PeerProcess, timeout_s: float, what: str,
               spin_s: float = SPIN_S) -> None:
@@ -187,16 +188,23 @@ class LinkSpec:
     capacity: int
 
 
-def plan_links(nodes: list[str], pairs: dict[tuple[int, int], int]) -> list[LinkSpec]:
-    """Return links for the pairs (src, dst) -> capacity whose ranks share a node; nodes[r] is rank r's node."""
-    if not os.access(SHM_DIR, os.W_OK) or native.kernels() is None:
-        return []
+def can_link() -> bool:
+    """Return whether this process can use links: /dev/shm is writable and the native library loads."""
+    return os.access(SHM_DIR, os.W_OK) and native.kernels() is not None
+
+
+def plan_links(nodes: list[str], capable: list[bool], pairs: dict[tuple[int, int], int]) -> list[LinkSpec]:
+    """Return links for the pairs (src, dst) -> capacity whose ranks share a node and can both use links.
+
+    nodes[r] and capable[r] (see `can_link`) describe rank r; the last rank is this process.
+    """
     token = uuid.uuid4().hex[:12]
     links = [LinkSpec(src, dst, os.path.join(SHM_DIR, f"jamba-{token}-{src}-{dst}"), capacity)
-             for (src, dst), capacity in sorted(pairs.items()) if nodes[src] == nodes[dst] and capacity > 0]
+             for (src, dst), capacity in sorted(pairs.items())
+             if nodes[src] == nodes[dst] and capable[src] and capable[dst] and capacity > 0]
     # This process's node is the last rank's. Where its /dev/shm is short, go without links rather than fail.
-    here = [link for link in links if nodes[link.src] == nodes[-1]]
-    needed = sum(HEADER_BYTES + link.capacity for link in here)
+    local = [link for link in links if nodes[link.src] == nodes[-1]]
+    needed = sum(HEADER_BYTES + link.capacity for link in local)
     stat = os.statvfs(SHM_DIR)
     if needed > stat.f_bavail * stat.f_frsize:
         log.warning("%s has %d bytes free, fewer than the %d the replica's shared-memory links need on this node; "

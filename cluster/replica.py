@@ -23,7 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.actors import (FREE, STEP, WHOLE_BATCH_TOKENS, ExpertShard, LayerGroup, StepInput, control_group,
                             send_request)
-from cluster.links import Link, Messenger, plan_links
+from cluster.links import Link, Messenger, can_link, message_bytes, plan_links
 from cluster.plan import ReplicaPlan, make_plan
 from jamba.checkpoint import load_args
 from jamba.distributed import client_store
@@ -71,8 +71,13 @@ class RayReplica:
         self._messenger = None  # this process's end of the control group and links, for the collective transport
         self._links = []
         self._expert_load = torch.zeros(len(self.plan.moe_layers), self.args.num_experts, dtype=torch.long)
+        self._lengths = [0] * num_slots  # tokens in each slot's cache, to check steps before they reach the actors
         log.info("%s\ntransport: %s", self.plan.describe(), transport)
-        self._build()
+        try:
+            self._build()
+        except BaseException:
+            self.shutdown()  # the actors started so far, and the links' files
+            raise
 
     # Building and tearing down.
 
@@ -124,11 +129,11 @@ class RayReplica:
         and the shared-memory links between the processes that share a node (see cluster/links.py)."""
         world = len(self._actors)
         places = [*self._wait([a.process.remote() for a in self._actors], "setup"),
-                  (ray.get_runtime_context().get_node_id(), os.getpid())]
-        nodes, pids = [node for node, _ in places], [pid for _, pid in places]
+                  (ray.get_runtime_context().get_node_id(), os.getpid(), can_link())]
+        nodes, pids, capable = [list(column) for column in zip(*places)]
         names = [f"layer group {i}" for i in range(len(self.groups))]
         names += [f"expert shard {i}" for i in range(len(self.shards))] + ["the runner"]
-        self._links = plan_links(nodes, self._link_sizes()) if self.shared_memory else []
+        self._links = plan_links(nodes, capable, self._link_sizes()) if self.shared_memory else []
         messenger = Messenger(world, None, self.step_timeout_s)
         messenger.create_links(self._links)
         self._messenger = messenger
@@ -153,23 +158,26 @@ class RayReplica:
         A link fits a decode step of every slot at once. Larger messages (prefill) take the groups."""
         args, groups, runner = self.args, len(self.groups), len(self._actors)
         slots, hidden, k = self.num_slots, args.hidden_size, args.num_experts_per_tok
-        element = torch.tensor([], dtype=self.dtype).element_size()
-        tokens = max(slots, WHOLE_BATCH_TOKENS)
-        load = self._expert_load.numel() * 8
+
+        def room(*shapes, dtype=torch.float32):
+            return message_bytes([torch.empty(shape, dtype=dtype, device="meta") for shape in shapes])
+
+        load = tuple(self._expert_load.shape)
         sizes = {}
         for rank in range(runner):
-            sizes[runner, rank] = REQUEST_BYTES + 2 * 8 * slots
-        for g in range(groups):
-            sizes[g, runner] = load + (slots * self.vocab_size * 4 if g == groups - 1 else 0) + 64
+            sizes[runner, rank] = REQUEST_BYTES + room((slots,), (slots,), dtype=torch.long)
+        for g in range(groups - 1):
+            sizes[g, runner] = room(load, dtype=torch.long)
+        sizes[groups - 1, runner] = room((slots, self.vocab_size)) + room(load, dtype=torch.long)
         if self.plan.device == "cpu":  # activations on GPUs go over NCCL
             for g in range(groups - 1):
-                sizes[g, g + 1] = tokens * hidden * element
+                sizes[g, g + 1] = room((max(slots, WHOLE_BATCH_TOKENS), hidden), dtype=self.dtype)
             for g, spec in enumerate(self.plan.layer_groups):
                 if not any(layer in self.plan.moe_layers for layer in spec.layers):
                     continue
                 for s in range(len(self.shards)):
-                    sizes[g, groups + s] = WHOLE_BATCH_TOKENS * (hidden + 2 * k) * 4
-                    sizes[groups + s, g] = WHOLE_BATCH_TOKENS * hidden * element
+                    sizes[g, groups + s] = room((WHOLE_BATCH_TOKENS, hidden + 2 * k))
+                    sizes[groups + s, g] = room((WHOLE_BATCH_TOKENS, hidden), dtype=self.dtype)
         return sizes
 
     def node_ids(self) -> dict[str, str]:
@@ -195,6 +203,7 @@ class RayReplica:
         log.warning("rebuilding the replica: killing %d actors and starting them again", len(self._actors))
         self.shutdown()
         self.rebuilds += 1
+        self._lengths = [0] * self.num_slots  # the new actors' caches are empty
         self._build()
 
     def _wait(self, refs, what: str):
@@ -207,7 +216,7 @@ class RayReplica:
                 if not ready:
                     raise ReplicaFailure(f"{what} timed out after {self.step_timeout_s} s")
                 results[ready[0]] = ray.get(ready[0])
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError, ReplicaFailure) as error:
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ReplicaFailure) as error:
             log.error("replica %s failed: %s", what, error)
             self._broken = True
             raise ReplicaFailure(f"a model actor failed during {what}: {error}") from error
@@ -225,10 +234,17 @@ class RayReplica:
             self._broken = False
 
     def _control_failed(self, stage: str, error: Exception):
-        """Mark the replica for rebuilding and raise ReplicaFailure for an error of the control group."""
-        log.error("replica %s failed: %s", stage, error)
+        """Mark the replica for rebuilding and raise ReplicaFailure for an error of the control group or a link.
+
+        The error names the peer this process waited for, which may only have seen another actor die, so the
+        message also lists the actors on this node whose processes have exited (those that lost a peer exit too).
+        """
+        peers = self._messenger.peers.values() if self._messenger is not None else []
+        exited = [f"{peer.name} (pid {peer.pid})" for peer in peers if not peer.alive()]
+        detail = f"; exited: {', '.join(exited)}" if exited else ""
+        log.error("replica %s failed: %s%s", stage, error, detail)
         self._broken = True
-        raise ReplicaFailure(f"a model actor failed during {stage}: {error}") from error
+        raise ReplicaFailure(f"a model actor failed during {stage}: {error}{detail}") from error
 
     def _step(self, step: StepInput) -> torch.Tensor:
         self._ensure_healthy()
@@ -252,26 +268,72 @@ class RayReplica:
                     work.wait()
             except RuntimeError as error:  # gloo's error for a closed connection or a timeout
                 self._control_failed("step", error)
+            except BaseException:
+                # Interrupted (KeyboardInterrupt, for one) with replies unread: the next step would read this
+                # step's, so the replica must start again.
+                self._broken = True
+                raise
             return logits
         hidden = None
         for group in self.groups:
             hidden = self._wait([group.forward_ray.remote(step, hidden)], "step")[0]
         return hidden
 
+    def _check_step(self, slots: Sequence[int], new_tokens: Sequence[int], prefill: bool) -> None:
+        """Raise ValueError for a step that the actors' caches would reject, which would cost a rebuild.
+
+        A replica that failed is rebuilt first, since its caches start empty again.
+        """
+        self._ensure_healthy()
+        if not slots:
+            raise ValueError("a step needs at least one slot")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"slots must be distinct, got {list(slots)}")
+        outside = [slot for slot in slots if not 0 <= slot < self.num_slots]
+        if outside:
+            raise ValueError(f"slots must be in [0, {self.num_slots}), got {outside}")
+        for slot, count in zip(slots, new_tokens):
+            length = self._lengths[slot]
+            if prefill and length:
+                raise ValueError(f"slot {slot} is in use; free it before a prefill")
+            if not prefill and not length:
+                raise ValueError(f"slot {slot} is empty; prefill it before decoding")
+            if length + count > self.max_len:
+                raise ValueError(f"slot {slot} would hold {length + count} tokens, more than max_len {self.max_len}")
+
     def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
                 adapters: Sequence[str | None]) -> torch.Tensor:
+        if len(slots) != len(prompts) or len(slots) != len(adapters):
+            raise ValueError(f"got {len(slots)} slots, {len(prompts)} prompts and {len(adapters)} adapters")
         if any(adapter is not None for adapter in adapters):
             raise NotImplementedError("the Ray replica serves the base model only; adapters are not loaded yet")
+        if any(len(prompt) == 0 for prompt in prompts):
+            raise ValueError("every prompt needs at least one token")
+        self._check_step(slots, [len(prompt) for prompt in prompts], prefill=True)
         ids, mask = left_pad([list(p) for p in prompts], self.pad_id)
         step = StepInput(ids, None if bool(mask.all()) else mask, torch.tensor(list(slots)))
-        return self._step(step)
+        logits = self._step(step)
+        for slot, prompt in zip(slots, prompts):
+            self._lengths[slot] = len(prompt)
+        return logits
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        if len(slots) != len(tokens):
+            raise ValueError(f"got {len(slots)} slots and {len(tokens)} tokens")
+        self._check_step(slots, [1] * len(slots), prefill=False)
         step = StepInput(torch.tensor(list(tokens))[:, None], None, torch.tensor(list(slots)))
-        return self._step(step)
+        logits = self._step(step)
+        for slot in slots:
+            self._lengths[slot] += 1
+        return logits
 
     def free(self, slots: Sequence[int]) -> None:
+        outside = [slot for slot in slots if not 0 <= slot < self.num_slots]
+        if outside:
+            raise ValueError(f"slots must be in [0, {self.num_slots}), got {outside}")
         self._ensure_healthy()
+        for slot in slots:
+            self._lengths[slot] = 0
         if self.transport == "collective":
             try:
                 for work in send_request(self._messenger, range(len(self.groups)), FREE, torch.tensor(list(slots)),
@@ -279,6 +341,9 @@ class RayReplica:
                     work.wait()
             except RuntimeError as error:
                 self._control_failed("free", error)
+            except BaseException:
+                self._broken = True  # interrupted, as in _step
+                raise
             return
         self._wait([g.free.remote(list(slots)) for g in self.groups], "free")
 

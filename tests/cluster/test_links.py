@@ -185,12 +185,13 @@ def test_short_shm_means_no_links(monkeypatch, caplog):
     monkeypatch.setattr(os, "statvfs", lambda path: Full())
     pairs = {(0, 1): 1 << 20, (1, 0): 1 << 20, (1, 2): 1 << 20}
     with caplog.at_level("WARNING", logger="cluster.links"):
-        assert plan_links(["a", "a", "a"], pairs) == []
+        assert plan_links(["a", "a", "a"], [True] * 3, pairs) == []
     assert "fewer than the" in caplog.text
 
 
-def test_links_only_within_node():
-    links = plan_links(["a", "a", "b"], {(0, 1): 4096, (1, 0): 4096, (1, 2): 4096, (2, 1): 4096})
+def test_links_only_within_node_between_capable_ranks():
+    pairs = {(0, 1): 4096, (1, 0): 4096, (1, 2): 4096, (2, 1): 4096, (0, 3): 4096, (3, 0): 4096}
+    links = plan_links(["a", "a", "b", "a"], [True, True, True, False], pairs)
     assert [(link.src, link.dst) for link in links] == [(0, 1), (1, 0)]
 
 

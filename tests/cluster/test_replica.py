@@ -12,6 +12,7 @@ import ray
 import torch
 
 from cluster.actors import WHOLE_BATCH_TOKENS
+from cluster.links import Messenger
 from cluster.plan import ReplicaPlan, make_plan
 from cluster.replica import RayReplica, ReplicaFailure
 from jamba.generate import generate
@@ -147,15 +148,76 @@ def test_dead_actor_fails_then_recovers(ray_cluster, tiny_checkpoint, victim):
         kill((replica.shards if kind == "shard" else replica.groups)[int(index)])
 
         started = time.monotonic()
-        with pytest.raises(ReplicaFailure, match="a model actor failed during step"):
+        with pytest.raises(ReplicaFailure, match="a model actor failed during step") as failure:
             replica.decode([0], [8])
         assert time.monotonic() - started < 30
+        name = f"{'expert shard' if kind == 'shard' else 'layer group'} {index}"
+        # The actors that exited are listed (the others follow the victim), not only the one the runner waited for.
+        assert f"{name} (pid" in str(failure.value).split("; exited: ")[1]
 
         replica.free([0])  # rebuilds the replica before freeing
         assert replica.rebuilds == 1
         logits = replica.prefill([0], [[5, 6, 7]], [None])
         expected = model(torch.tensor([[5, 6, 7]])).logits[0, -1]
         assert (logits[0] - expected).abs().max().item() < 1e-4
+
+
+def test_interrupted_step_rebuilds(ray_cluster, tiny_checkpoint, monkeypatch):
+    """A step interrupted with its replies unread (Ctrl-C in a script) must not hand them to the next step."""
+    path, model = tiny_checkpoint
+    with started_replica(path, num_slots=2, max_len=64, threads_per_actor=1) as replica:
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(replica._messenger, "recv", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            replica.prefill([0], [[9, 10, 11, 12]], [None])
+
+        logits = replica.prefill([0], [[5, 6, 7]], [None])
+        assert replica.rebuilds == 1
+        expected = model(torch.tensor([[5, 6, 7]])).logits[0, -1]
+        assert (logits[0] - expected).abs().max().item() < 1e-4
+
+
+def test_invalid_steps_rejected_before_actors(ray_cluster, tiny_checkpoint):
+    path, model = tiny_checkpoint
+    with started_replica(path, num_slots=2, max_len=8, threads_per_actor=1) as replica:
+        replica.prefill([0], [[5, 6, 7]], [None])
+        cases = [
+            (lambda: replica.decode([0, 1], [5]), "got 2 slots and 1 tokens"),
+            (lambda: replica.decode([], []), "at least one slot"),
+            (lambda: replica.decode([2], [5]), r"slots must be in \[0, 2\), got \[2\]"),
+            (lambda: replica.decode([0, 0], [5, 5]), "distinct"),
+            (lambda: replica.decode([1], [5]), "slot 1 is empty"),
+            (lambda: replica.prefill([0], [[5]], [None]), "slot 0 is in use"),
+            (lambda: replica.prefill([1], [[]], [None]), "at least one token"),
+            (lambda: replica.prefill([1], [list(range(3, 12))], [None]), "9 tokens, more than max_len 8"),
+            (lambda: replica.free([5]), r"slots must be in \[0, 2\)"),
+        ]
+        for call, message in cases:
+            with pytest.raises(ValueError, match=message):
+                call()
+        assert replica.rebuilds == 0
+
+        for token in [8, 9, 10, 11, 12]:  # up to max_len
+            logits = replica.decode([0], [token])
+        with pytest.raises(ValueError, match="slot 0 would hold 9 tokens"):
+            replica.decode([0], [13])
+        expected = model(torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])).logits[0, -1]
+        assert (logits[0] - expected).abs().max().item() < 1e-4
+
+
+def test_failed_setup_leaves_no_link_files(ray_cluster, tiny_checkpoint, monkeypatch):
+    path, _ = tiny_checkpoint
+    before = {name for name in os.listdir("/dev/shm") if name.startswith("jamba-")}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Messenger, "open_links", interrupted)  # in this process only: after the files exist
+    with pytest.raises(KeyboardInterrupt):
+        RayReplica(path, num_slots=2, max_len=64, threads_per_actor=1)
+    assert {name for name in os.listdir("/dev/shm") if name.startswith("jamba-")} == before
 
 
 def test_idle_replica_keeps_serving_with_default_threads(ray_cluster, tiny_checkpoint):
