@@ -47,7 +47,7 @@ class RayReplica:
                  layer_groups: int = 2, expert_shards: int = 2, transport: str = "collective",
                  dtype: torch.dtype = torch.float32, scan: str = "auto", cpus_per_actor: float = 1.0,
                  threads_per_actor: int | None = None, step_timeout_s: float = 120.0, name: str = "jamba",
-                 shared_memory: bool = True):
+                 shared_memory: bool = True, load_timeout_s: float = 600.0):
         from serve.runner import summarize
 
         if transport not in TRANSPORTS:
@@ -64,6 +64,7 @@ class RayReplica:
         self.shared_memory = shared_memory  # links between the processes of one node (collective transport)
         self.cpus_per_actor, self.threads_per_actor = cpus_per_actor, threads_per_actor
         self.step_timeout_s = step_timeout_s
+        self.load_timeout_s = load_timeout_s  # placing the actors and loading the checkpoint, which can take minutes
         self.rebuilds = 0
         self._broken = False
         self._actors: list = []
@@ -99,7 +100,12 @@ class RayReplica:
             self._pg = placement_group(bundles, strategy="PACK", bundle_label_selector=selectors)
         else:
             self._pg = placement_group(bundles, strategy="STRICT_PACK" if resource == "GPU" else "PACK")
-        ray.get(self._pg.ready(), timeout=self.step_timeout_s)
+        try:
+            ray.get(self._pg.ready(), timeout=self.load_timeout_s)
+        except ray.exceptions.GetTimeoutError as error:
+            self._broken = True
+            raise ReplicaFailure(f"placing the replica's {len(bundles)} actors ({bundles[0]} each) timed out after "
+                                 f"{self.load_timeout_s} s: the cluster lacks the resources") from error
 
         def options(bundle):
             return dict(num_cpus=self.cpus_per_actor if resource == "CPU" else 0,
@@ -119,8 +125,8 @@ class RayReplica:
             for i, spec in enumerate(self.plan.expert_shards)
         ]
         self._actors = [*self.groups, *self.shards]
-        self._wait([a.ready.remote() for a in self._actors], "loading")
-        self._wait([g.set_shards.remote(self.shards) for g in self.groups], "setup")
+        self._wait([a.ready.remote() for a in self._actors], "loading", self.load_timeout_s)
+        self._wait([g.set_shards.remote(self.shards) for g in self.groups], "setup", self.load_timeout_s)
         if self.transport == "collective":
             self._join_collective()
 
@@ -128,7 +134,7 @@ class RayReplica:
         """Connect the actors' group and the control group, with this process as the control group's last rank,
         and the shared-memory links between the processes that share a node (see cluster/links.py)."""
         world = len(self._actors)
-        places = [*self._wait([a.process.remote() for a in self._actors], "setup"),
+        places = [*self._wait([a.process.remote() for a in self._actors], "setup", self.load_timeout_s),
                   (ray.get_runtime_context().get_node_id(), os.getpid(), can_link())]
         nodes, pids, capable = [list(column) for column in zip(*places)]
         names = [f"layer group {i}" for i in range(len(self.groups))]
@@ -137,7 +143,8 @@ class RayReplica:
         messenger = Messenger(world, None, self.step_timeout_s)
         messenger.create_links(self._links)
         self._messenger = messenger
-        address, port = self._wait([self.groups[0].open_store.remote(world + 1, self.step_timeout_s)], "setup")[0]
+        address, port = self._wait([self.groups[0].open_store.remote(world + 1, self.step_timeout_s)], "setup",
+                                   self.load_timeout_s)[0]
         joined = [a.init_collective.remote(rank, world, address, port, self.step_timeout_s, self._links)
                   for rank, a in enumerate(self._actors)]
         try:
@@ -146,9 +153,10 @@ class RayReplica:
             messenger.control = control_group(store, world, world + 1, self.step_timeout_s)
         except RuntimeError as error:  # torch's store and gloo errors, a timeout included
             self._control_failed("collective setup", error)
-        self._wait(joined, "collective setup")
+        self._wait(joined, "collective setup", self.load_timeout_s)
         messenger.open_links(self._links, pids, names)
-        self._wait([a.start_serving.remote(pids, names) for a in self._actors], "collective setup")
+        self._wait([a.start_serving.remote(pids, names) for a in self._actors], "collective setup",
+                   self.load_timeout_s)
         log.info("shared-memory links: %s", ", ".join(f"{names[s.src]} -> {names[s.dst]}" for s in self._links)
                  or "none")
 
@@ -206,15 +214,16 @@ class RayReplica:
         self._lengths = [0] * self.num_slots  # the new actors' caches are empty
         self._build()
 
-    def _wait(self, refs, what: str):
+    def _wait(self, refs, what: str, timeout_s: float | None = None):
         """Wait for every ref; raise ReplicaFailure as soon as one fails, and mark the replica for rebuilding."""
         pending, results = list(refs), {}
-        deadline = time.monotonic() + self.step_timeout_s
+        timeout_s = timeout_s or self.step_timeout_s
+        deadline = time.monotonic() + timeout_s
         try:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
                 if not ready:
-                    raise ReplicaFailure(f"{what} timed out after {self.step_timeout_s} s")
+                    raise ReplicaFailure(f"{what} timed out after {timeout_s} s")
                 results[ready[0]] = ray.get(ready[0])
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ReplicaFailure) as error:
             log.error("replica %s failed: %s", what, error)
@@ -328,24 +337,28 @@ class RayReplica:
         return logits
 
     def free(self, slots: Sequence[int]) -> None:
+        """Reset the slots. A replica that fails meanwhile is marked for rebuilding instead of raising: the slots
+        are free either way, since a rebuilt replica's caches start empty, and the engine takes slots whose free
+        raised out of service."""
         outside = [slot for slot in slots if not 0 <= slot < self.num_slots]
         if outside:
             raise ValueError(f"slots must be in [0, {self.num_slots}), got {outside}")
-        self._ensure_healthy()
         for slot in slots:
             self._lengths[slot] = 0
-        if self.transport == "collective":
-            try:
+        try:
+            self._ensure_healthy()
+            if self.transport == "collective":
                 for work in send_request(self._messenger, range(len(self.groups)), FREE, torch.tensor(list(slots)),
                                          header=(len(slots), 0, 0)):
                     work.wait()
-            except RuntimeError as error:
-                self._control_failed("free", error)
-            except BaseException:
-                self._broken = True  # interrupted, as in _step
-                raise
-            return
-        self._wait([g.free.remote(list(slots)) for g in self.groups], "free")
+            else:
+                self._wait([g.free.remote(list(slots)) for g in self.groups], "free")
+        except (ReplicaFailure, RuntimeError) as error:  # RuntimeError: gloo's errors and LinkError
+            self._broken = True
+            log.warning("freeing slots %s failed (%s); the replica rebuilds before its next step", list(slots), error)
+        except BaseException:
+            self._broken = True  # interrupted, as in _step
+            raise
 
     def take_expert_load(self) -> torch.Tensor:
         if self.transport == "collective":  # the layer groups send their counts after every step
