@@ -61,7 +61,8 @@ class JambaDeployment:
 
     def __init__(self, model: str | None = None, layer_groups: int = 2, expert_shards: int = 2, slots: int = 16,
                  max_len: int = 512, transport: str = "collective", queue_size: int = 64,
-                 cpus_per_actor: float = 1.0, threads_per_actor: int | None = None, adapters: str | None = None):
+                 cpus_per_actor: float = 1.0, threads_per_actor: int | None = None, adapters: str | None = None,
+                 shared_memory: bool = True, load_timeout_s: float = 600.0):
         from cluster.replica import RayReplica
         from serve.runner import LocalRunner
 
@@ -82,7 +83,8 @@ class JambaDeployment:
                     "merge the adapter into a checkpoint with `python -m finetune.merge` and serve that")
             runner = RayReplica(model_dir, num_slots=slots, max_len=max_len, layer_groups=layer_groups,
                                 expert_shards=expert_shards, transport=transport, cpus_per_actor=cpus_per_actor,
-                                threads_per_actor=threads_per_actor, name=model_dir.name)
+                                threads_per_actor=threads_per_actor, name=model_dir.name, shared_memory=shared_memory,
+                                load_timeout_s=load_timeout_s)
         self.engine = Engine(runner, Tokenizer.from_file(model_dir), EngineConfig(max_queue_size=queue_size))
         self._started = False
         log.info("model replica ready: %s, %d slots of %d tokens, torch %s", model_dir, slots, max_len,
@@ -193,7 +195,7 @@ class GrpcIngress:
 
 
 _MODEL_ARGS = {"model", "layer_groups", "expert_shards", "slots", "max_len", "transport", "queue_size",
-               "cpus_per_actor", "threads_per_actor", "adapters"}
+               "cpus_per_actor", "threads_per_actor", "adapters", "shared_memory", "load_timeout_s"}
 _INGRESS_ARGS = {"host", "port", "grace_period_s"}
 
 

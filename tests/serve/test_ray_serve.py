@@ -83,7 +83,8 @@ def prompt_without_eos(torch_model, tokenizer, new_tokens):
 
 def test_cancelled_streams_and_deadlines_free_the_slots(serve_instance, tokenizer):
     path, torch_model = serve_instance
-    args = app_args(path, slots=4, max_len=512)
+    # Also the replica's options from the config: the gloo groups alone, and a limit for loading.
+    args = app_args(path, slots=4, max_len=512, shared_memory=False, load_timeout_s=120)
     serve.run(build_app(args), name="jamba", route_prefix=None)
     model = serve.get_deployment_handle("JambaDeployment", app_name="jamba")
     request = jamba_pb2.GenerateRequest(text="7+8=", sampling=jamba_pb2.SamplingParams(max_new_tokens=60))
