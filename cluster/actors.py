@@ -7,11 +7,12 @@ its MoE layers to a dispatch function; an expert shard runs `jamba.model.run_exp
 Two transports move activations between them (chosen by `transport`):
 - "ray": every hand-off is a Ray call. The runner calls the layer groups one after the other, and a layer group
   calls each expert shard once per MoE layer. Simple, and the baseline.
-- "collective": a torch.distributed group over the actors (gloo on CPU, NCCL on GPU) moves activations, in an
-  order that every actor derives from the plan, so no message carries control information. The steps themselves
-  come over a second, gloo, group that also contains the runner: each actor serves them on a thread of its own,
-  started once, so a step costs no Ray call (a Ray call round trip took 2.9 ms on the development machine, a gloo
-  round trip with the same payloads 0.3 ms).
+- "collective": activations move in an order that every actor derives from the plan, so no message carries
+  control information. The steps come from the runner to a thread that each actor starts once, so a step costs
+  no Ray call (a Ray call round trip took 2.9 ms on the development machine, a gloo round trip with the same
+  payloads 0.3 ms). Between processes of one node, messages go over shared-memory links (cluster/links.py).
+  Otherwise activations go over a torch.distributed group of the actors (gloo on CPU, NCCL on GPU), and the
+  runner's messages over a second, gloo, group that also contains the runner (the control group).
 
 Legend: B batch, L sequence, D hidden size, T tokens in the step (B*L), K experts per token, V vocabulary.
 """
@@ -62,7 +63,8 @@ def _tokens_for_shards(experts, shard_experts: list[torch.Tensor]) -> list[torch
     return [torch.isin(experts, owned).any(-1).nonzero()[:, 0] for owned in shard_experts]
 
 
-# Requests from the runner over the control group: a header (op, a, b, c) of int64, then the op's tensors.
+# Requests from the runner, over a link or the control group: a header (op, a, b, c) of int64, then the op's
+# tensors.
 #   STEP: (STEP, batch, length, has_mask), then input ids (batch, length), slots (batch,), mask (batch, length) if
 #         has_mask. Afterwards every layer group sends the runner its expert counts of the step, (MoE layers, E),
 #         the last one its logits (batch, V) first.
@@ -72,7 +74,7 @@ STEP, FREE = 1, 2
 
 # How long an idle actor waits for the runner's next request: without a limit of its own, the wait would end at
 # the group's timeout (the step timeout) and take the actor down after that long without traffic. A dead runner
-# still ends the wait at once, through its closed connection.
+# still ends the wait: at once through its closed connection, or within CHECK_S of cluster/links.py on a link.
 IDLE_WAIT = timedelta(days=365)
 
 # Up to this many tokens in a step (decode sizes), a layer group sends every shard all of them with their routing
@@ -130,13 +132,20 @@ def receive_request(messenger: Messenger, runner: int) -> tuple[int, tuple[torch
 class StepServer:
     """The thread that serves the runner's requests for a collective actor: the only thread that computes.
 
-    A failed request ends the process, after logging why: the replica cannot go on with one actor out of step,
-    and the closed connections tell every peer and the runner at once (the runner then builds the replica again).
+    A failed request ends the process, after logging why: the replica cannot go on with one actor out of step.
+    Its peers and the runner then see its connections close, or its pidfd report the exit, and the runner builds
+    the replica again.
     """
 
     threads: int  # torch threads of the steps
     plan: ReplicaPlan
     messenger: Messenger
+
+    def node_id(self) -> str:
+        """Return the id of this actor's Ray node."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def process(self) -> tuple[str, int, bool]:
         """Return this actor's node, its process id and whether it can use shared-memory links."""
@@ -230,11 +239,6 @@ class LayerGroup(StepServer):
 
     def ready(self) -> str:
         return f"layer group {self.spec.index}"
-
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
 
     def free(self, slots: list[int]) -> None:
         self.cache.free(slots)
@@ -412,11 +416,6 @@ class ExpertShard(StepServer):
 
     def ready(self) -> str:
         return f"expert shard {self.spec.index}"
-
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
 
     def _experts(self, layer):
         experts = self.modules.model.layers[str(layer)].feed_forward.experts

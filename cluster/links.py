@@ -13,7 +13,7 @@ then sleeps on a futex (csrc/shared_wait.cpp in jamba). A message then costs a c
 torch.distributed groups otherwise (other nodes, GPU tensors, prefill-sized messages). Both ends apply the same
 rule to the same sizes, so they always agree on the path.
 
-A link holds one message at a time: a second send waits until the first has been read. Every wait checks, a few
+A link contains one message at a time: a second send waits until the first has been read. Every wait checks, a few
 times a second, that the peer process still runs (through a pidfd), and gives up at its deadline, so a dead or hung
 peer ends the wait with `LinkError`, a RuntimeError like gloo's own errors.
 """
@@ -93,7 +93,8 @@ class Link:
         self.path, self.capacity = path, capacity
         kernels = native.kernels()
         if kernels is None:
-            raise RuntimeError("shared-memory links need the native kernels, which did not build")
+            raise RuntimeError("shared-memory links need the native kernels, which failed to build: install a C++ "
+                               "compiler and ninja, or build the replica with shared_memory=False")
         self._wait_word, self._set_word = kernels.wait_word, kernels.set_word
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         fd = os.open(path, flags, 0o600)
@@ -215,7 +216,7 @@ def plan_links(nodes: list[str], capable: list[bool], pairs: dict[tuple[int, int
 
 
 class Messenger:
-    """Moves one process's messages to and from the other ranks of its replica.
+    """The sending and receiving end of one process's messages to and from the other ranks of its replica.
 
     Ranks are those of the control group: the actors, then the runner. A message goes over the link to or from its
     peer when there is one and the message fits. Otherwise it goes tensor by tensor over the control group

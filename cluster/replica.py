@@ -7,8 +7,8 @@ runs prefill and decode steps over them. A step waits on all of its actors; if o
 again, and the engine ends the affected requests with UNAVAILABLE.
 
 With the collective transport this process joins the actors' control group (see cluster/actors.py) as its last
-rank and sends them each step over it: a dead actor shows as a closed connection, and a hung one as the group's
-timeout, `step_timeout_s`.
+rank and sends them each step over it, or over a shared-memory link to the actors on its node (cluster/links.py).
+A dead actor shows as a closed connection or an exited process, and a hung one as the timeout, `step_timeout_s`.
 """
 
 import logging

@@ -11,7 +11,7 @@ layers, the SwiGLU MLP, the experts, RMSNorm, the attention step and whole halve
 step is bound by reading the weights and by Python's cost per operator, so one call per half-block removes most
 of the latter.
 
-The library also holds csrc/shared_wait.cpp, the cross-process wait and wake-up of cluster/links.py.
+The library also contains csrc/shared_wait.cpp, the cross-process wait and wake-up of cluster/links.py.
 
 Shapes, as in jamba/ssm.py: B rows, L steps, I channels (a multiple of 8), N d_state (at most 64), R dt_rank,
 W conv width, S cache slots. Activations are (B, L, I), channels last.

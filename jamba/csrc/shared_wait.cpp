@@ -2,9 +2,9 @@
 // cluster/links.py. Loaded with the kernels by jamba/native.py.
 //
 // A waiter first spins, calling sched_yield between reads so that a process that needs its core gets it at
-// once, and then sleeps on a futex. It goes to sleep early when a yield let another process run: the scheduler
-// shares a core fairly between runnable processes, so a spinner that keeps yielding would still take its share
-// from the process it waits for when both sit on one core. The writer wakes sleepers only when the waiter count is not zero, so a
+// once, and then sleeps on a futex. It goes to sleep early when a yield let another process run. The scheduler
+// shares a core fairly between runnable processes, so a spinner that kept yielding would still take its share
+// from the process it waits for when both run on one core. The writer wakes sleepers only when the waiter count is not zero, so a
 // message to a spinning reader costs one store. Waking a sleeping process on another core takes 100 us or more
 // on a virtual machine, against about 3 us for a spinning one.
 //

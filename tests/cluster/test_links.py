@@ -147,7 +147,7 @@ for size in (8, 4096):
 """
 
 
-def test_messenger_sends_what_does_not_fit_over_group():
+def test_oversized_message_takes_group():
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     store, port = bound_store("127.0.0.1", 2, 60)
     token = uuid.uuid4().hex[:8]
@@ -195,7 +195,7 @@ def test_links_only_within_node_between_capable_ranks():
     assert [(link.src, link.dst) for link in links] == [(0, 1), (1, 0)]
 
 
-def test_full_shm_fails_link_creation_clearly(monkeypatch):
+def test_full_shm_fails_link_creation(monkeypatch):
     def no_room(fd, offset, length):
         raise OSError(28, "No space left on device")
 

@@ -207,7 +207,7 @@ def test_invalid_steps_rejected_before_actors(ray_cluster, tiny_checkpoint):
         assert (logits[0] - expected).abs().max().item() < 1e-4
 
 
-def test_unplaceable_replica_fails_within_load_timeout(ray_cluster, tiny_checkpoint):
+def test_unplaceable_replica_times_out(ray_cluster, tiny_checkpoint):
     path, _ = tiny_checkpoint
 
     def live_placement_groups():

@@ -32,8 +32,8 @@ def test_actors_land_on_planned_nodes(two_nodes, tiny_checkpoint):
         placed = replica.node_ids()
         assert len(set(nodes)) == 2
         assert placed == {"group 0": nodes[0], "shard 0": nodes[0], "group 1": nodes[1], "shard 1": nodes[1]}
-        # Shared-memory links join the processes of one node only (ranks: groups 0-1, shards 2-3, the runner 4,
-        # which runs on the head node, node 0); the rest goes over gloo.
+        # Shared-memory links join the processes of one node only, and the rest goes over gloo. Ranks: groups 0-1,
+        # shards 2-3 and the runner 4, which runs on the head node (node 0).
         assert {(link.src, link.dst) for link in replica._links} == {(4, 0), (0, 4), (4, 2), (0, 2), (2, 0), (1, 3),
                                                                       (3, 1)}
 
